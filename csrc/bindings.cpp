@@ -1,0 +1,70 @@
+// Every op schema of lfi_fast, in one place, and the _C Python module (build_info()).
+// The kernels register their implementations next to their code (cpu/*.cpp, cuda/*.cu); fake
+// (meta) kernels and autograd are registered from Python (lfi_fast/ops/).
+#include <torch/extension.h>
+
+#include "ops.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <string>
+
+#ifndef LFI_FAST_CUDA_ARCHS
+#define LFI_FAST_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(lfi_fast, m) {
+  // ---- hyperbolic (Poincaré ball of curvature -c; c is a 0-dim tensor) ----
+  m.def("mobius_add(Tensor x, Tensor y, Tensor c, bool project) -> Tensor");
+  m.def(
+      "mobius_add_backward(Tensor grad, Tensor x, Tensor y, Tensor c, bool project, "
+      "bool needs_grad_c) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+std::string compiler() {
+#if defined(__clang__)
+  return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return "gcc " + std::to_string(__GNUC__) + "." + std::to_string(__GNUC_MINOR__) + "." +
+         std::to_string(__GNUC_PATCHLEVEL__);
+#else
+  return "unknown";
+#endif
+}
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+#ifdef LFI_FAST_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
+                      std::to_string((CUDART_VERSION % 1000) / 10);
+#else
+  d["cuda"] = false;
+  d["cuda_version"] = pybind11::none();
+#endif
+  d["cuda_archs"] = std::string(LFI_FAST_CUDA_ARCHS);
+#ifdef _OPENMP
+  d["openmp"] = true;
+  d["openmp_threads"] = omp_get_max_threads();
+#else
+  d["openmp"] = false;
+  d["openmp_threads"] = 1;
+#endif
+  d["compiler"] = compiler();
+  d["cplusplus"] = static_cast<long>(__cplusplus);
+  d["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) +
+                       "." + std::to_string(TORCH_VERSION_PATCH);
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lfi_fast compiled kernels: the ops register themselves under torch.ops.lfi_fast";
+  m.def("build_info", &build_info,
+        "How this extension was built: CUDA or not, CUDA archs, OpenMP threads, compiler.");
+}
