@@ -1,0 +1,77 @@
+"""pytest-benchmark suite of lfi_fast: every case times lfi_fast's backends next to an anchor.
+
+    pytest benchmarks                          # full sizes (the issue targets)
+    pytest benchmarks --quick --benchmark-disable   # each case once, small: CI keeps it from rotting
+    pytest benchmarks --device cuda
+
+Cases are grouped "<op> <mode> <shape> <dtype>"; providers say whose code runs: anchors by
+library (geoopt, torch-eager, ...) and ours as lfi_fast:<backend>. At the end a table gives each
+provider's median and its speed-up over the group's anchor.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "0")
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true", help="small sizes: check the cases run")
+    parser.addoption("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def quick(request) -> bool:
+    return request.config.getoption("--quick")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    return torch.device(request.config.getoption("--device"))
+
+
+def sync_for(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def lfi_backends(device: torch.device) -> list[str]:
+    """lfi_fast backends that run natively on `device` (the Triton interpreter is not timed)."""
+    import lfi_fast
+
+    names = []
+    for b in lfi_fast.available_backends():
+        if b == "triton" and device.type != "cuda":
+            continue
+        try:
+            with lfi_fast.use_backend(b):
+                lfi_fast._backend.resolve(device)
+        except RuntimeError:
+            continue
+        names.append(b)
+    return names
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    bs = getattr(config, "_benchmarksession", None)
+    if bs is None or bs.disabled or not bs.benchmarks:
+        return
+    groups: dict[str, dict[str, float]] = {}
+    anchors: dict[str, str] = {}
+    for b in bs.benchmarks:
+        if b.stats is None:
+            continue
+        groups.setdefault(b.group, {})[b.extra_info.get("provider", b.name)] = b.stats.median
+        if b.extra_info.get("anchor"):
+            anchors[b.group] = b.extra_info["anchor"]
+    tr = terminalreporter
+    tr.section("lfi_fast: median ms and speed-up over the anchor")
+    for group, rows in groups.items():
+        anchor = anchors.get(group)
+        base = rows.get(anchor)
+        tr.write_line(f"{group}   (anchor: {anchor})")
+        for prov, med in sorted(rows.items(), key=lambda kv: kv[1]):
+            ratio = f"{base / med:8.2f}x" if base else "        "
+            tr.write_line(f"    {prov:<28}{med * 1e3:10.2f} ms  {ratio}")
