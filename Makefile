@@ -4,7 +4,7 @@
 #   make test          set up a venv (torch 2.13 CPU wheel), build, run the whole test suite
 #   make check-cuda    compile and link the CUDA kernels against torch 2.14.1 (CUDA 13), import the .so
 #   make bench         run the benchmark suite (pytest-benchmark) on this machine
-#   make wheel         build an sdist and a wheel from it (non-editable install check)
+#   make check-install build an sdist, a wheel from it, and check the installed wheel works
 #   make clean
 #
 # Variables: PYTHON (interpreter for the venvs), VENV (default .venv), DATA, JOBS.
@@ -23,12 +23,12 @@ TORCH_CUDA      := torch==2.14.1
 TRITON          := triton==3.6.0
 # Build tools and what tests, benchmarks and the demo use. torch is installed first, pinned, so
 # that nothing below pulls in a multi-GB CUDA build.
-BUILD_DEPS      := setuptools wheel cmake ninja numpy
+BUILD_DEPS      := setuptools wheel build cmake ninja numpy
 TEST_DEPS       := pytest pytest-benchmark hypothesis geoopt safetensors scikit-learn matplotlib tqdm
 
 SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: demo test check-cuda bench wheel install venv clean help
+.PHONY: demo test check-cuda check-install bench wheel install venv clean help
 help:
 	@sed -n '1,12p' Makefile
 
@@ -78,12 +78,17 @@ CUDA_ARCHS    ?= 8.0;9.0a
 bench: install
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# A wheel built from the sdist, installed outside the source tree, must work like the editable
+# install: compiled ops, Triton kernels (lfi_fast._kernels) and all.
 wheel: $(VENV)/.deps
 	rm -rf dist
-	$(PIP) wheel -q --no-build-isolation --no-deps -w dist .
-	$(PY) -m build --version >/dev/null 2>&1 || $(PIP) install -q build
 	$(PY) -m build --sdist --no-isolation --outdir dist .
-	$(PIP) wheel -q --no-build-isolation --no-deps -w dist/from-sdist dist/lfi_fast-*.tar.gz
+	MAX_JOBS=$(JOBS) $(PIP) wheel -q --no-build-isolation --no-deps -w dist dist/lfi_fast-*.tar.gz
+
+check-install: wheel
+	rm -rf build/check-install && $(PIP) install -q --no-deps --target build/check-install dist/lfi_fast-*.whl
+	cd /tmp && PYTHONPATH=$(CURDIR)/build/check-install TRITON_INTERPRET=1 $(CURDIR)/$(PY) \
+	    $(CURDIR)/.ci/check_install.py $(CURDIR)/build/check-install
 
 clean:
 	rm -rf build dist *.egg-info lfi_fast/_C*.so .pytest_cache .benchmarks .hypothesis

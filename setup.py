@@ -16,6 +16,7 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.sdist import sdist
 
 ROOT = Path(__file__).resolve().parent
 
@@ -56,6 +57,16 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"CMake did not produce _C in {out_file.parent}")
 
 
+class SDist(sdist):
+    """The sdist carries what CMake builds from: csrc/, CMakeLists.txt (kernels/ is a package)."""
+
+    def add_defaults(self) -> None:
+        super().add_defaults()
+        extra = ["CMakeLists.txt", "LICENSE", "README.md", "Makefile"]
+        extra += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc").rglob("*")) if p.is_file()]
+        self.filelist.extend(extra)
+
+
 def _has_module(name: str) -> bool:
     try:
         __import__(name)
@@ -66,5 +77,5 @@ def _has_module(name: str) -> bool:
 
 setup(
     ext_modules=[CMakeExtension("lfi_fast._C")],
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "sdist": SDist},
 )

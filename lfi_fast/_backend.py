@@ -16,7 +16,7 @@ fallback. The choice is global (set_backend, the LFI_FAST_BACKEND environment va
 from __future__ import annotations
 
 import contextlib
-import importlib
+import importlib.util
 import os
 import platform
 from typing import Iterator
@@ -26,7 +26,6 @@ import torch
 BACKENDS = ("auto", "cpp", "cuda", "triton", "torch")
 
 _current = os.environ.get("LFI_FAST_BACKEND", "auto").strip().lower() or "auto"
-_status: dict[str, str | None] | None = None  # backend -> None if available, else why not
 
 
 def _probe() -> dict[str, str | None]:
@@ -43,14 +42,12 @@ def _probe() -> dict[str, str | None]:
     except ImportError as e:  # a torch-only install (or a broken build): say so
         status["cpp"] = f"the compiled extension lfi_fast._C did not import ({e})"
         status["cuda"] = status["cpp"]
-    try:
-        importlib.import_module("triton")
-        if torch.cuda.is_available() or _triton_interpreted():
-            status["triton"] = None
-        else:
-            status["triton"] = "no CUDA device (set TRITON_INTERPRET=1 to interpret on the CPU)"
-    except ImportError:
+    if importlib.util.find_spec("triton") is None:  # found, not imported: that takes a while
         status["triton"] = "triton is not installed"
+    elif torch.cuda.is_available() or _triton_interpreted():
+        status["triton"] = None
+    else:
+        status["triton"] = "no CUDA device (set TRITON_INTERPRET=1 to interpret on the CPU)"
     return status
 
 
@@ -58,10 +55,12 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Probed once, at import: resolve() then only reads plain Python state, which torch.compile
+# traces (and guards on) without a graph break.
+_status: dict[str, str | None] = _probe()  # backend -> None if available, else why not
+
+
 def _backend_status() -> dict[str, str | None]:
-    global _status
-    if _status is None:
-        _status = _probe()
     return _status
 
 

@@ -70,10 +70,9 @@ def curvature(c: object, like: torch.Tensor, name: str = "c") -> torch.Tensor:
         return c.reshape(())
     if isinstance(c, bool) or not isinstance(c, numbers.Real):
         raise TypeError(f"{name} must be a positive number or a scalar tensor (got {type(c).__name__})")
-    v = float(c)
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be positive and finite (got {v})")
-    return torch.tensor(v, dtype=torch.float64)
+    if not 0 < c < math.inf:  # also false for NaN; comparisons trace under torch.compile
+        raise ValueError(f"{name} must be positive and finite (got {c})")
+    return torch.tensor(c, dtype=torch.float64)
 
 
 def broadcast_rows(x: torch.Tensor, y: torch.Tensor, dim: int, names=("x", "y")):
