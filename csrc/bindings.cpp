@@ -8,6 +8,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef LFI_FAST_WITH_CUDA
+#include <cuda_runtime_api.h>  // CUDART_VERSION
+#endif
 
 #include <string>
 

@@ -108,6 +108,7 @@ at::Tensor mobius_add_cpu(const at::Tensor& x, const at::Tensor& y, const at::Te
                           bool project) {
   check_inputs(x, y, c);
   const auto shape = broadcast_shape(x, y);
+  TORCH_CHECK(!shape.empty(), "x and y must have at least 1 dim (the coordinates)");
   at::Tensor out = at::empty(shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const int64_t d = shape.back();
@@ -126,6 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mobius_add_backward_cpu(
   LFI_CHECK_SAME_DTYPE(grad, x);
   LFI_CHECK_DEVICE(grad, at::Device(at::kCPU));
   const auto shape = broadcast_shape(x, y);
+  TORCH_CHECK(!shape.empty(), "x and y must have at least 1 dim (the coordinates)");
   TORCH_CHECK(grad.sizes() == at::IntArrayRef(shape), "grad must have the broadcast shape ",
               at::IntArrayRef(shape), " (got ", grad.sizes(), ")");
   const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);

@@ -22,9 +22,34 @@ constexpr int kBlock = 256;
 // up to 4 * 32 packs (512 floats) are read once; longer ones are read again for the write.
 constexpr int kChunks = 4;
 
+// Packs move as one unsigned word through __ldg/__stwb: nvcc splits plain copies of an array (or
+// of a uint4) into element accesses for all but the first pack of a tile.
+template <int BYTES>
+struct Word;
+template <>
+struct Word<16> {
+  using type = uint4;
+};
+template <>
+struct Word<8> {
+  using type = uint2;
+};
+template <>
+struct Word<4> {
+  using type = uint32_t;
+};
+template <>
+struct Word<2> {
+  using type = uint16_t;
+};
+
 template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
+using PackWord = typename Word<sizeof(T) * N>::type;
+
+template <typename T, int N>
+union Pack {
   T v[N];
+  PackWord<T, N> w;
 };
 
 // The packs one thread owns in a tile of its row: CHUNKS packs, one group's width apart.
@@ -39,7 +64,7 @@ struct Tile {
 #pragma unroll
     for (int k = 0; k < CHUNKS; ++k, col += step) {
       if (col < d) {
-        p[k] = *reinterpret_cast<const Pack<scalar_t, VEC>*>(row + col);
+        p[k].w = __ldg(reinterpret_cast<const PackWord<scalar_t, VEC>*>(row + col));
       } else {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) p[k].v[i] = scalar_t(0);
@@ -50,7 +75,7 @@ struct Tile {
                                         int64_t d) const {
 #pragma unroll
     for (int k = 0; k < CHUNKS; ++k, col += step) {
-      if (col < d) *reinterpret_cast<Pack<scalar_t, VEC>*>(row + col) = p[k];
+      if (col < d) __stwb(reinterpret_cast<PackWord<scalar_t, VEC>*>(row + col), p[k].w);
     }
   }
   __device__ __forceinline__ acc_t operator()(int k, int i) const {
@@ -92,9 +117,10 @@ __device__ __forceinline__ void group_sum(T (&v)[N], int group, unsigned mask) {
 
 template <typename scalar_t, int VEC, int CHUNKS>
 __global__ void __launch_bounds__(kBlock)
-    mobius_add_fwd_kernel(const scalar_t* __restrict__ x, int64_t sx, const scalar_t* __restrict__ y,
-                          int64_t sy, scalar_t* __restrict__ out, int64_t rows, int64_t d,
-                          int group, Curvature<at::opmath_type<scalar_t>> c, bool project) {
+    mobius_add_fwd_kernel(const scalar_t* __restrict__ x, int64_t sx,
+                          const scalar_t* __restrict__ y, int64_t sy, scalar_t* __restrict__ out,
+                          int64_t rows, int64_t d, int group,
+                          Curvature<at::opmath_type<scalar_t>> c, bool project) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr acc_t eps = acc_t(ball_eps<scalar_t>());
   const Lane L = lane_of(group, VEC);
@@ -107,6 +133,9 @@ __global__ void __launch_bounds__(kBlock)
 
   Tile<scalar_t, VEC, CHUNKS> xt, yt;
   acc_t s[3] = {acc_t(0), acc_t(0), acc_t(0)};  // x2, y2, xy
+  // Tile loops stay rolled: rows are one tile but for the longest, and unrolling a loop of unknown
+  // trip count costs a 64-bit division per thread.
+#pragma unroll 1
   for (int64_t base = 0; base < d; base += tile) {
     xt.load(x, base + L.col, step, d);
     yt.load(y, base + L.col, step, d);
@@ -126,6 +155,7 @@ __global__ void __launch_bounds__(kBlock)
       hyp::mobius_add_fwd<acc_t>(s[0], s[1], s[2], cv, hyp::max_norm<acc_t>(cv, eps), project);
 
   Tile<scalar_t, VEC, CHUNKS> ot;
+#pragma unroll 1
   for (int64_t base = 0; base < d; base += tile) {
     if (d > tile) {  // a row longer than one tile was not kept in registers
       xt.load(x, base + L.col, step, d);
@@ -145,8 +175,9 @@ __global__ void __launch_bounds__(kBlock)
 // gc_rows: one entry per row (its contribution to the gradient of c), or null when not needed.
 template <typename scalar_t, int VEC, int CHUNKS>
 __global__ void __launch_bounds__(kBlock)
-    mobius_add_bwd_kernel(const scalar_t* __restrict__ g, int64_t sg, const scalar_t* __restrict__ x,
-                          int64_t sx, const scalar_t* __restrict__ y, int64_t sy,
+    mobius_add_bwd_kernel(const scalar_t* __restrict__ g, int64_t sg,
+                          const scalar_t* __restrict__ x, int64_t sx,
+                          const scalar_t* __restrict__ y, int64_t sy,
                           scalar_t* __restrict__ gx, scalar_t* __restrict__ gy,
                           at::opmath_type<scalar_t>* __restrict__ gc_rows, int64_t rows, int64_t d,
                           int group, Curvature<at::opmath_type<scalar_t>> c, bool project) {
@@ -164,6 +195,7 @@ __global__ void __launch_bounds__(kBlock)
 
   Tile<scalar_t, VEC, CHUNKS> gt, xt, yt;
   acc_t s[5] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};  // x2, y2, xy, <g,x>, <g,y>
+#pragma unroll 1
   for (int64_t base = 0; base < d; base += tile) {
     gt.load(g, base + L.col, step, d);
     xt.load(x, base + L.col, step, d);
@@ -187,6 +219,7 @@ __global__ void __launch_bounds__(kBlock)
   if (gc_rows != nullptr && L.col == 0) gc_rows[L.row] = w.gc;
 
   Tile<scalar_t, VEC, CHUNKS> ot;
+#pragma unroll 1
   for (int64_t base = 0; base < d; base += tile) {
     if (d > tile) {  // a row longer than one tile was not kept in registers
       gt.load(g, base + L.col, step, d);
@@ -262,7 +295,8 @@ Grid grid_for(int64_t rows, int64_t d, int vec) {
   int group = 1;
   while (group < 32 && group < packs) group *= 2;
   const int64_t rows_per_block = kBlock / group;
-  return {group, packs <= group, static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block)};
+  return {group, packs <= group,
+          static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block)};
 }
 
 template <typename scalar_t>
@@ -320,9 +354,10 @@ at::Tensor mobius_add_cuda(const at::Tensor& x, const at::Tensor& y, const at::T
   check_inputs(x, y, c);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto shape = broadcast_shape(x, y);
+  TORCH_CHECK(!shape.empty(), "x and y must have at least 1 dim (the coordinates)");
   at::Tensor out = at::empty(shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
-  const int64_t d = shape.empty() ? 1 : shape.back();
+  const int64_t d = shape.back();
   const RowView xv = row_view(x, shape), yv = row_view(y, shape);
   const CurvatureArg cv = curvature(c, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mobius_add_cuda", [&] {
@@ -339,22 +374,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mobius_add_backward_cuda(
   LFI_CHECK_DEVICE(grad, x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto shape = broadcast_shape(x, y);
+  TORCH_CHECK(!shape.empty(), "x and y must have at least 1 dim (the coordinates)");
   TORCH_CHECK(grad.sizes() == at::IntArrayRef(shape), "grad must have the broadcast shape ",
               at::IntArrayRef(shape), " (got ", grad.sizes(), ")");
   const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor gx = at::empty(shape, opts), gy = at::empty(shape, opts);
   at::Tensor gc = at::zeros({}, c.options());
   if (gx.numel() == 0) return {gx, gy, gc};
-  const int64_t d = shape.empty() ? 1 : shape.back();
+  const int64_t d = shape.back();
   const int64_t rows = gx.numel() / d;
   const RowView xv = row_view(x, shape), yv = row_view(y, shape), gv = row_view(grad, shape);
   const CurvatureArg cv = curvature(c, x.scalar_type());
   // Per-row contributions summed by at::sum afterwards: deterministic, unlike atomics.
   at::Tensor gc_rows;
   if (needs_grad_c) gc_rows = at::empty({rows}, opts.dtype(at::toOpMathType(x.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mobius_add_backward_cuda", [&] {
-    mobius_add_backward_launch<scalar_t>(gv, xv, yv, gx, gy, gc_rows, rows, d, cv, project);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "mobius_add_backward_cuda", [&] {
+        mobius_add_backward_launch<scalar_t>(gv, xv, yv, gx, gy, gc_rows, rows, d, cv, project);
+      });
   if (needs_grad_c) gc = at::sum(gc_rows, at::kDouble).to(c.options());
   return {gx, gy, gc};
 }
