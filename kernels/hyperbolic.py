@@ -7,6 +7,7 @@ row_view in csrc/common.h, so this backend agrees with the C++ kernels to roundi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -15,8 +16,9 @@ import triton.language as tl
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-# Elements per tile: enough bytes in flight per program on a GPU. The interpreter pays per program
-# and per op rather than per element, so it gets far fewer, larger tiles.
+# Elements per tile: enough bytes in flight per program on a GPU without spilling; the backward
+# holds three input tiles, hence its smaller tile. The interpreter pays per program and per op
+# rather than per element, so it gets far fewer, larger tiles.
 _TILE_FWD = 1 << 16 if _INTERPRETED else 8192
 _TILE_BWD = 1 << 16 if _INTERPRETED else 4096
 
@@ -156,7 +158,8 @@ def _mobius_add_fwd_kernel(
     xy = tl.sum(x * y, axis=1)
     alpha, beta = _mobius_add_fwd(x2, y2, xy, c, maxnorm, PROJECT)
     out = alpha[:, None] * x + beta[:, None] * y
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    offs = rows[:, None] * D + cols[None, :]
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -181,7 +184,9 @@ def _mobius_add_bwd_kernel(
     xy = tl.sum(x * y, axis=1)
     gxd = tl.sum(g * x, axis=1)
     gyd = tl.sum(g * y, axis=1)
-    gx_g, gx_x, gx_y, gy_g, gy_x, gy_y, gc = _mobius_add_bwd(x2, y2, xy, gxd, gyd, c, maxnorm, PROJECT)
+    gx_g, gx_x, gx_y, gy_g, gy_x, gy_y, gc = _mobius_add_bwd(
+        x2, y2, xy, gxd, gyd, c, maxnorm, PROJECT
+    )
 
     offs = rows[:, None] * D + cols[None, :]
     grad_x = gx_g[:, None] * g + gx_x[:, None] * x + gx_y[:, None] * y
@@ -204,13 +209,23 @@ def _check(x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> None:
     if y.device != x.device:
         raise RuntimeError(f"y must be on {x.device} (got {y.device})")
     if c.dim() != 0 or not c.is_floating_point():
-        raise RuntimeError(f"c must be a 0-dim floating tensor (got {c.dtype}, shape {tuple(c.shape)})")
+        raise RuntimeError(
+            f"c must be a 0-dim floating tensor (got {c.dtype}, shape {tuple(c.shape)})"
+        )
     if c.device.type != "cpu" and c.device != x.device:
         raise RuntimeError(f"c must be on the CPU or on {x.device} (got {c.device})")
 
 
+def _broadcast_shape(x: torch.Tensor, y: torch.Tensor) -> torch.Size:
+    shape = torch.broadcast_shapes(x.shape, y.shape)
+    if len(shape) == 0:
+        raise RuntimeError("x and y must have at least 1 dim (the coordinates)")
+    return shape
+
+
 def _row_view(t: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, int]:
-    """row_view of csrc/common.h: t broadcast to shape as (rows, D), unit inner stride, one row stride."""
+    """row_view of csrc/common.h: t broadcast to shape as (rows, D) with a unit inner stride and
+    one row stride (0 for a broadcast row), copying only when that cannot be expressed."""
     d = shape[-1]
     v = t.expand(shape).reshape(-1, d)
     if d > 1 and v.stride(1) != 1:
@@ -226,6 +241,11 @@ def _curvature_args(c: torch.Tensor, placeholder: torch.Tensor) -> tuple[torch.T
     return c, 0.0, True
 
 
+def _device_of(t: torch.Tensor):
+    # Triton launches on the current CUDA device, which need not be the inputs' one.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _launch_config(n_rows: int, d: int, tile: int) -> dict:
     block_d = triton.next_power_of_2(d)
     block_m = max(1, min(tile // block_d, triton.next_power_of_2(n_rows)))
@@ -234,7 +254,7 @@ def _launch_config(n_rows: int, d: int, tile: int) -> dict:
 
 
 def _compute_types(dtype: torch.dtype):
-    """(Triton compute type, torch type of the per-row c gradients, projection eps) for an input dtype."""
+    """(compute type, torch type of the per-row c gradients, projection eps) for an input dtype."""
     if dtype == torch.float64:
         return tl.float64, torch.float64, 1e-5
     return tl.float32, torch.float32, 4e-3
@@ -243,7 +263,7 @@ def _compute_types(dtype: torch.dtype):
 def mobius_add(x: torch.Tensor, y: torch.Tensor, c: torch.Tensor, project: bool) -> torch.Tensor:
     """x ⊕_c y over the last dim; x and y broadcast; output contiguous in the broadcast shape."""
     _check(x, y, c)
-    shape = torch.broadcast_shapes(x.shape, y.shape)
+    shape = _broadcast_shape(x, y)
     out = torch.empty(shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
@@ -254,10 +274,11 @@ def mobius_add(x: torch.Tensor, y: torch.Tensor, c: torch.Tensor, project: bool)
     cdt, _, eps = _compute_types(x.dtype)
     cfg = _launch_config(n_rows, d, _TILE_FWD)
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]),)
-    _mobius_add_fwd_kernel[grid](
-        xv, yv, out, c_ptr, c_val, n_rows, d, sx, sy,
-        CDT=cdt, EPS=eps, PROJECT=bool(project), C_ON_DEVICE=c_on_device, **cfg,
-    )
+    with _device_of(x):
+        _mobius_add_fwd_kernel[grid](
+            xv, yv, out, c_ptr, c_val, n_rows, d, sx, sy,
+            CDT=cdt, EPS=eps, PROJECT=bool(project), C_ON_DEVICE=c_on_device, **cfg,
+        )
     return out
 
 
@@ -271,9 +292,11 @@ def mobius_add_backward(
         raise RuntimeError(
             f"grad must be {x.dtype} on {x.device} (got {grad.dtype} on {grad.device})"
         )
-    shape = torch.broadcast_shapes(x.shape, y.shape)
+    shape = _broadcast_shape(x, y)
     if grad.shape != shape:
-        raise RuntimeError(f"grad must have the broadcast shape {tuple(shape)} (got {tuple(grad.shape)})")
+        raise RuntimeError(
+            f"grad must have the broadcast shape {tuple(shape)} (got {tuple(grad.shape)})"
+        )
     gx = torch.empty(shape, dtype=x.dtype, device=x.device)
     gy = torch.empty(shape, dtype=x.dtype, device=x.device)
     if gx.numel() == 0:
@@ -288,11 +311,12 @@ def mobius_add_backward(
     gc_rows = torch.empty(n_rows, dtype=gc_dtype, device=x.device) if needs_grad_c else gx
     cfg = _launch_config(n_rows, d, _TILE_BWD)
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]),)
-    _mobius_add_bwd_kernel[grid](
-        gv, xv, yv, gx, gy, gc_rows, c_ptr, c_val, n_rows, d, sg, sx, sy,
-        CDT=cdt, EPS=eps, PROJECT=bool(project), C_ON_DEVICE=c_on_device,
-        NEEDS_GC=bool(needs_grad_c), **cfg,
-    )
+    with _device_of(x):
+        _mobius_add_bwd_kernel[grid](
+            gv, xv, yv, gx, gy, gc_rows, c_ptr, c_val, n_rows, d, sg, sx, sy,
+            CDT=cdt, EPS=eps, PROJECT=bool(project), C_ON_DEVICE=c_on_device,
+            NEEDS_GC=bool(needs_grad_c), **cfg,
+        )
     if needs_grad_c:
         # Summed in double as the C++ kernels do, then rounded once to c's dtype.
         gc = gc_rows.sum(dtype=torch.float64).to(device=c.device, dtype=c.dtype)
