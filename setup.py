@@ -58,13 +58,16 @@ class CMakeBuild(build_ext):
 
 
 class SDist(sdist):
-    """The sdist carries what CMake builds from: csrc/, CMakeLists.txt (kernels/ is a package)."""
+    """The sdist carries what CMake builds from: csrc/ and CMakeLists.txt (kernels/ is a package)."""
 
-    def add_defaults(self) -> None:
-        super().add_defaults()
-        extra = ["CMakeLists.txt", "LICENSE", "README.md", "Makefile"]
+    def make_release_tree(self, base_dir: str, files) -> None:
+        super().make_release_tree(base_dir, files)
+        extra = ["CMakeLists.txt", "LICENSE", "README.md"]
         extra += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc").rglob("*")) if p.is_file()]
-        self.filelist.extend(extra)
+        for rel in extra:
+            dest = Path(base_dir) / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest)
 
 
 def _has_module(name: str) -> bool:

@@ -1,77 +1,152 @@
-"""Hyperbolic family: lfi_fast's backends against geoopt, forward and forward+backward.
+"""Hyperbolic family: every op, lfi_fast's backends against geoopt, forward and forward+backward.
 
-The bandwidth anchor `torch-eager:add` is torch.add(x, y): the ideal one-pass op that reads two
-inputs and allocates and writes one output of the same size, as a fused Möbius addition does.
+Bandwidth anchors (forward only): `torch-eager:add` (torch.add(x, y): reads two inputs, allocates
+and writes one output of the same size, as a fused binary op must) and `torch-eager:mul`
+(torch.mul(x, 2): one input, one output), and `torch-eager:copy` for the copy bandwidth that
+dist's forward (a small output) is measured against.
 """
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
 
 from conftest import lfi_backends, sync_for
 
+C = 1.0
 
-def _inputs(n: int, d: int, device: torch.device, dtype=torch.float32):
+
+def _ball_points(n, d, gen, scale=0.6):
+    return torch.randn(n, d, generator=gen) * (scale / d**0.5)  # norms ~scale: inside the ball
+
+
+def _inputs(op: str, n: int, d: int):
+    """The op's tensor arguments (float32, CPU), the same for every provider."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, d, generator=gen) * (0.6 / d**0.5)  # norms ~0.6: inside the ball
-    y = torch.randn(n, d, generator=gen) * (0.6 / d**0.5)
-    g = torch.randn(n, d, generator=gen)
-    return x.to(device, dtype), y.to(device, dtype), g.to(device, dtype)
+    x, y = _ball_points(n, d, gen), _ball_points(n, d, gen)
+    if op in ("mobius_add", "logmap", "dist"):
+        return (x, y)
+    if op == "expmap":
+        return (x, torch.randn(n, d, generator=gen) * 0.3)
+    if op in ("expmap0",):
+        return (torch.randn(n, d, generator=gen) * 0.3,)
+    if op in ("logmap0", "dist0", "project"):
+        return (x,)
+    if op == "mobius_scalar_mul":
+        return (torch.rand(n, 1, generator=gen) * 2, x)
+    if op == "mobius_matvec":
+        return (torch.randn(d, d, generator=gen) / d**0.5, x)
+    if op == "pairwise_dist":
+        return (x[: n // 64], y[: n // 64])
+    raise KeyError(op)
 
 
-def _providers(device):
+def _geoopt(op: str):
+    import geoopt
+
+    ball = geoopt.PoincareBall(c=C)
+    if op == "project":
+        return ball.projx
+    if op == "pairwise_dist":
+        return lambda x, y: ball.dist(x[:, None, :], y[None, :, :])
+    return getattr(ball, op)
+
+
+def _lfi(op: str, backend: str):
     import lfi_fast
     from lfi_fast import hyperbolic as hyp
 
-    provs = {}
-    try:
-        import geoopt
+    fn = getattr(hyp, op)
 
-        ball = geoopt.PoincareBall(c=1.0)
-        provs["geoopt"] = ball.mobius_add
-    except ImportError:
-        pass
-    for b in lfi_backends(device):
-        def op(x, y, _b=b):
-            with lfi_fast.use_backend(_b):
-                return hyp.mobius_add(x, y, 1.0)
+    def run(*args):
+        with lfi_fast.use_backend(backend):
+            return fn(*args, C)
 
-        provs[f"lfi_fast:{b}"] = op
-    return provs
+    return run
 
 
-MODES = ("forward", "full")
+OPS = ("mobius_add", "mobius_scalar_mul", "mobius_matvec", "expmap0", "logmap0", "expmap",
+       "logmap", "dist", "dist0", "project", "pairwise_dist")
+# Each op's one-pass PyTorch counterpart that moves the same bytes (forward).
+ANCHORS = {"mobius_add": "add", "expmap": "add", "logmap": "add", "dist": "add",
+           "expmap0": "mul", "logmap0": "mul", "project": "mul", "dist0": "mul",
+           "mobius_scalar_mul": "mul"}
+PROVIDERS = ("geoopt", "torch-eager", "lfi_fast:cpp", "lfi_fast:cuda", "lfi_fast:triton",
+             "lfi_fast:torch")
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", ["geoopt", "torch-eager:add", "lfi_fast:cpp", "lfi_fast:cuda",
-                                      "lfi_fast:triton", "lfi_fast:torch"])
-def test_mobius_add(benchmark, provider, mode, device, quick):
-    n, d = (1 << 12, 64) if quick else ((1 << 20, 64) if device.type == "cuda" else (1 << 18, 64))
-    if provider == "torch-eager:add":
-        if mode != "forward":
-            pytest.skip("the bandwidth anchor is forward only")
-        fn = torch.add
+def _sizes(op, device, quick):
+    if quick:
+        return 1 << 12, 16
+    return (1 << 20 if device.type == "cuda" else 1 << 18), 64
+
+
+def _rounds(run, quick: bool) -> int:
+    """Enough rounds for a stable median within ~3 s per case (at least 5)."""
+    if quick:
+        return 1
+    t0 = time.perf_counter()
+    run()
+    dt = time.perf_counter() - t0
+    return int(max(5, min(20, 3.0 / max(dt, 1e-6))))
+
+
+@pytest.mark.parametrize("mode", ("forward", "full"))
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("op", OPS)
+def test_hyperbolic(benchmark, op, provider, mode, device, quick):
+    n, d = _sizes(op, device, quick)
+    args = [t.to(device) for t in _inputs(op, n, d)]
+    if provider == "torch-eager":
+        if mode != "forward" or op not in ANCHORS:
+            pytest.skip("the bandwidth anchor is forward only, for row-wise ops")
+        fn = torch.add if ANCHORS[op] == "add" else (lambda *a: torch.mul(a[-1], 2.0))
+        if ANCHORS[op] == "add":
+            args = args[-2:] if len(args) >= 2 and args[-2].shape == args[-1].shape else [args[-1], args[-1]]
+        provider = f"torch-eager:{ANCHORS[op]}"
+    elif provider == "geoopt":
+        pytest.importorskip("geoopt")
+        fn = _geoopt(op)
     else:
-        provs = _providers(device)
-        if provider not in provs:
+        backend = provider.split(":")[1]
+        if backend not in lfi_backends(device):
             pytest.skip(f"{provider} is not available on {device}")
-        fn = provs[provider]
-    x, y, g = _inputs(n, d, device)
+        fn = _lfi(op, backend)
     sync = sync_for(device)
     if mode == "forward":
         def run():
-            fn(x, y)
+            fn(*args)
             sync()
     else:
-        x.requires_grad_()
-        y.requires_grad_()
+        leaves = [a.clone().requires_grad_() for a in args]
+        g = torch.randn_like(fn(*leaves))
 
         def run():
-            x.grad = y.grad = None
-            fn(x, y).backward(g)
+            for a in leaves:
+                a.grad = None
+            fn(*leaves).backward(g)
             sync()
 
-    benchmark.group = f"mobius_add {mode} {n}x{d} float32 {device.type}"
-    benchmark.extra_info.update(provider=provider, anchor="geoopt", mode=mode, n=n, d=d)
-    benchmark.pedantic(run, rounds=3 if quick else 15, warmup_rounds=1)
+    shape = "x".join(str(s) for s in args[-1].shape)
+    benchmark.group = f"{op} {mode} {shape} float32 {device.type}"
+    benchmark.extra_info.update(provider=provider, anchor="geoopt", op=op, mode=mode,
+                                bytes=sum(a.numel() * a.element_size() for a in args))
+    benchmark.pedantic(run, rounds=_rounds(run, quick), warmup_rounds=0 if quick else 1)
+
+
+@pytest.mark.parametrize("what", ("copy",))
+def test_copy_bandwidth(benchmark, what, device, quick):
+    """The copy bandwidth of this machine, measured in the same run (x.clone() of 2^18 x 64)."""
+    n, d = _sizes("dist", device, quick)
+    x = torch.randn(n, d, device=device)
+    sync = sync_for(device)
+
+    def run():
+        x.clone()
+        sync()
+
+    benchmark.group = f"copy {n}x{d} float32 {device.type}"
+    benchmark.extra_info.update(provider="torch-eager:copy", anchor="torch-eager:copy",
+                                bytes=2 * x.numel() * x.element_size())
+    benchmark.pedantic(run, rounds=5 if quick else 20, warmup_rounds=1)

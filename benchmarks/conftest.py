@@ -58,20 +58,24 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     bs = getattr(config, "_benchmarksession", None)
     if bs is None or bs.disabled or not bs.benchmarks:
         return
-    groups: dict[str, dict[str, float]] = {}
+    groups: dict[str, dict[str, tuple[float, float]]] = {}
     anchors: dict[str, str] = {}
     for b in bs.benchmarks:
         if b.stats is None:
             continue
-        groups.setdefault(b.group, {})[b.extra_info.get("provider", b.name)] = b.stats.median
+        prov = b.extra_info.get("provider", b.name)
+        groups.setdefault(b.group, {})[prov] = (b.stats.median, b.extra_info.get("bytes", 0))
         if b.extra_info.get("anchor"):
             anchors[b.group] = b.extra_info["anchor"]
     tr = terminalreporter
-    tr.section("lfi_fast: median ms and speed-up over the anchor")
+    tr.section("lfi_fast: median, speed-up over the anchor, ratio to the one-pass torch op")
     for group, rows in groups.items():
         anchor = anchors.get(group)
-        base = rows.get(anchor)
+        base = rows.get(anchor, (None,))[0]
+        eager = next((t for p, (t, _) in rows.items() if p.startswith("torch-eager:")), None)
         tr.write_line(f"{group}   (anchor: {anchor})")
-        for prov, med in sorted(rows.items(), key=lambda kv: kv[1]):
-            ratio = f"{base / med:8.2f}x" if base else "        "
-            tr.write_line(f"    {prov:<28}{med * 1e3:10.2f} ms  {ratio}")
+        for prov, (med, nbytes) in sorted(rows.items(), key=lambda kv: kv[1][0]):
+            speed = f"{base / med:8.2f}x" if base else " " * 9
+            vs_eager = f"{med / eager:6.2f}x torch-eager" if eager and not prov.startswith("torch-eager") else ""
+            gbs = f"{nbytes / med / 1e9:7.1f} GB/s in" if nbytes else ""
+            tr.write_line(f"    {prov:<24}{med * 1e3:10.2f} ms {speed}  {gbs}  {vs_eager}")

@@ -20,10 +20,30 @@
 
 TORCH_LIBRARY(lfi_fast, m) {
   // ---- hyperbolic (Poincaré ball of curvature -c; c is a 0-dim tensor) ----
+  // <op>_backward(grad, <op's tensor args>, c, <op's flags>, bool needs_grad_c) returns the
+  // gradients of the op's tensor arguments in order, then of c.
   m.def("mobius_add(Tensor x, Tensor y, Tensor c, bool project) -> Tensor");
-  m.def(
-      "mobius_add_backward(Tensor grad, Tensor x, Tensor y, Tensor c, bool project, "
-      "bool needs_grad_c) -> (Tensor, Tensor, Tensor)");
+  m.def("mobius_add_backward(Tensor grad, Tensor x, Tensor y, Tensor c, bool project, bool needs_grad_c) -> (Tensor, Tensor, Tensor)");
+  m.def("mobius_scalar_mul(Tensor r, Tensor x, Tensor c, bool project) -> Tensor");
+  m.def("mobius_scalar_mul_backward(Tensor grad, Tensor r, Tensor x, Tensor c, bool project, bool needs_grad_c) -> (Tensor, Tensor, Tensor)");
+  m.def("mobius_matvec(Tensor m, Tensor x, Tensor c, bool project) -> Tensor");
+  m.def("mobius_matvec_backward(Tensor grad, Tensor m, Tensor x, Tensor c, bool project, bool needs_grad_c) -> (Tensor, Tensor, Tensor)");
+  m.def("expmap(Tensor x, Tensor u, Tensor c, bool project) -> Tensor");
+  m.def("expmap_backward(Tensor grad, Tensor x, Tensor u, Tensor c, bool project, bool needs_grad_c) -> (Tensor, Tensor, Tensor)");
+  m.def("logmap(Tensor x, Tensor y, Tensor c) -> Tensor");
+  m.def("logmap_backward(Tensor grad, Tensor x, Tensor y, Tensor c, bool needs_grad_c) -> (Tensor, Tensor, Tensor)");
+  m.def("expmap0(Tensor u, Tensor c, bool project) -> Tensor");
+  m.def("expmap0_backward(Tensor grad, Tensor u, Tensor c, bool project, bool needs_grad_c) -> (Tensor, Tensor)");
+  m.def("logmap0(Tensor y, Tensor c) -> Tensor");
+  m.def("logmap0_backward(Tensor grad, Tensor y, Tensor c, bool needs_grad_c) -> (Tensor, Tensor)");
+  m.def("project(Tensor x, Tensor c) -> Tensor");
+  m.def("project_backward(Tensor grad, Tensor x, Tensor c, bool needs_grad_c) -> (Tensor, Tensor)");
+  m.def("dist(Tensor x, Tensor y, Tensor c) -> Tensor");
+  m.def("dist_backward(Tensor grad, Tensor x, Tensor y, Tensor c, bool needs_grad_c) -> (Tensor, Tensor, Tensor)");
+  m.def("dist0(Tensor x, Tensor c) -> Tensor");
+  m.def("dist0_backward(Tensor grad, Tensor x, Tensor c, bool needs_grad_c) -> (Tensor, Tensor)");
+  m.def("pairwise_dist(Tensor x, Tensor y, Tensor c) -> Tensor");
+  m.def("pairwise_dist_backward(Tensor grad, Tensor x, Tensor y, Tensor c, bool needs_grad_c) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

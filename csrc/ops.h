@@ -17,19 +17,56 @@
 
 namespace lfi_fast {
 
-// ---- hyperbolic: Poincaré ball of curvature -c --------------------------------------------------
-at::Tensor mobius_add_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& c,
-                          bool project);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mobius_add_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& c,
-    bool project, bool needs_grad_c);
+// ---- hyperbolic: Poincaré ball of curvature -c ------------------------------------------------
+// Forward ops return the result; <op>_backward returns the gradients of the tensor inputs, in
+// the order of the forward's arguments (broadcast shapes), then of c. Row-wise ops with a scalar
+// result (dist, dist0) return the rows' shape (..., ) ; pairwise_dist (N, D) x (M, D) -> (N, M).
+at::Tensor mobius_add_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& c, bool project);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mobius_add_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& c, bool project, bool needs_grad_c);
+at::Tensor expmap_cpu(const at::Tensor& x, const at::Tensor& u, const at::Tensor& c, bool project);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> expmap_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& u, const at::Tensor& c, bool project, bool needs_grad_c);
+at::Tensor logmap_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& c);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logmap_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& c, bool needs_grad_c);
+at::Tensor project_cpu(const at::Tensor& x, const at::Tensor& c);
+std::tuple<at::Tensor, at::Tensor> project_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& c, bool needs_grad_c);
+at::Tensor expmap0_cpu(const at::Tensor& u, const at::Tensor& c, bool project);
+std::tuple<at::Tensor, at::Tensor> expmap0_backward_cpu(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& c, bool project, bool needs_grad_c);
+at::Tensor logmap0_cpu(const at::Tensor& y, const at::Tensor& c);
+std::tuple<at::Tensor, at::Tensor> logmap0_backward_cpu(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& c, bool needs_grad_c);
+at::Tensor mobius_scalar_mul_cpu(const at::Tensor& r, const at::Tensor& x, const at::Tensor& c, bool project);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mobius_scalar_mul_backward_cpu(const at::Tensor& grad, const at::Tensor& r, const at::Tensor& x, const at::Tensor& c, bool project, bool needs_grad_c);
+at::Tensor mobius_matvec_cpu(const at::Tensor& m, const at::Tensor& x, const at::Tensor& c, bool project);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mobius_matvec_backward_cpu(const at::Tensor& grad, const at::Tensor& m, const at::Tensor& x, const at::Tensor& c, bool project, bool needs_grad_c);
+at::Tensor dist_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& c);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& c, bool needs_grad_c);
+at::Tensor dist0_cpu(const at::Tensor& x, const at::Tensor& c);
+std::tuple<at::Tensor, at::Tensor> dist0_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& c, bool needs_grad_c);
+at::Tensor pairwise_dist_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& c);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_dist_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& c, bool needs_grad_c);
 
 #ifdef LFI_FAST_WITH_CUDA
-at::Tensor mobius_add_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& c,
-                           bool project);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mobius_add_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& c,
-    bool project, bool needs_grad_c);
+at::Tensor mobius_add_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& c, bool project);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mobius_add_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& c, bool project, bool needs_grad_c);
+at::Tensor expmap_cuda(const at::Tensor& x, const at::Tensor& u, const at::Tensor& c, bool project);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> expmap_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& u, const at::Tensor& c, bool project, bool needs_grad_c);
+at::Tensor logmap_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& c);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logmap_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& c, bool needs_grad_c);
+at::Tensor project_cuda(const at::Tensor& x, const at::Tensor& c);
+std::tuple<at::Tensor, at::Tensor> project_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& c, bool needs_grad_c);
+at::Tensor expmap0_cuda(const at::Tensor& u, const at::Tensor& c, bool project);
+std::tuple<at::Tensor, at::Tensor> expmap0_backward_cuda(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& c, bool project, bool needs_grad_c);
+at::Tensor logmap0_cuda(const at::Tensor& y, const at::Tensor& c);
+std::tuple<at::Tensor, at::Tensor> logmap0_backward_cuda(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& c, bool needs_grad_c);
+at::Tensor mobius_scalar_mul_cuda(const at::Tensor& r, const at::Tensor& x, const at::Tensor& c, bool project);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mobius_scalar_mul_backward_cuda(const at::Tensor& grad, const at::Tensor& r, const at::Tensor& x, const at::Tensor& c, bool project, bool needs_grad_c);
+at::Tensor mobius_matvec_cuda(const at::Tensor& m, const at::Tensor& x, const at::Tensor& c, bool project);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mobius_matvec_backward_cuda(const at::Tensor& grad, const at::Tensor& m, const at::Tensor& x, const at::Tensor& c, bool project, bool needs_grad_c);
+at::Tensor dist_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& c);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& c, bool needs_grad_c);
+at::Tensor dist0_cuda(const at::Tensor& x, const at::Tensor& c);
+std::tuple<at::Tensor, at::Tensor> dist0_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& c, bool needs_grad_c);
+at::Tensor pairwise_dist_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& c);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_dist_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& c, bool needs_grad_c);
 #endif
 
 }  // namespace lfi_fast
