@@ -17,7 +17,7 @@ Backends: "auto" (default), "cpp", "cuda", "triton", "torch"; see set_backend().
 from ._backend import BACKENDS, available_backends, get_backend, info, set_backend, use_backend
 from .version import __version__
 
-from . import hyperbolic  # noqa: E402  (public families import the op layer)
+from . import hyperbolic, nn  # noqa: E402  (public families import the op layer)
 
 __all__ = [
     "BACKENDS",
@@ -26,6 +26,7 @@ __all__ = [
     "get_backend",
     "hyperbolic",
     "info",
+    "nn",
     "set_backend",
     "use_backend",
 ]

@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 namespace lfi_fast {
@@ -287,7 +288,7 @@ std::tuple<Tensor, Tensor, Tensor> unary_bwd(const Tensor& grad, const Tensor& x
   Tensor gc = at::zeros({}, c.options());
   auto rs = shape;
   rs.back() = 1;
-  Tensor gr = r != nullptr ? empty_like_shape(x, rs) : Tensor();
+  Tensor gr = r != nullptr ? at::zeros(rs, x.options()) : Tensor();
   if (gx.numel() == 0) return {gx, gr, gc};
   const int64_t d = shape.back();
   const RowView xv = row_view(x, shape), gv = row_view(grad, shape);
@@ -678,7 +679,8 @@ Tensor mobius_matvec_cpu(const Tensor& m, const Tensor& x, const Tensor& c, bool
   auto shape = x.sizes().vec();
   shape.back() = m.size(0);
   const int64_t din = x.size(-1), dout = m.size(0);
-  const Tensor x2d = x.reshape({-1, din}).to(acc).contiguous();
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const Tensor x2d = x.reshape({rows, din}).to(acc).contiguous();
   const Tensor mx = at::matmul(x2d, m.to(acc).t()).contiguous();
   Tensor out = at::empty(shape, x.options());
   if (out.numel() == 0) return out;
@@ -712,12 +714,16 @@ std::tuple<Tensor, Tensor, Tensor> mobius_matvec_backward_cpu(const Tensor& grad
   check_pair(x, m, "x", "m");
   const double cv = curvature(c);
   const auto acc = at::toOpMathType(x.scalar_type());
+  TORCH_CHECK(m.dim() == 2 && m.size(1) == x.size(-1), "m must be (out, in) with in == x.shape[-1]");
   const int64_t din = x.size(-1), dout = m.size(0);
-  const Tensor x2d = x.reshape({-1, din}).to(acc).contiguous();
+  const int64_t n = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = dout;
+  check_grad(grad, x, out_shape);
+  const Tensor x2d = x.reshape({n, din}).to(acc).contiguous();
   const Tensor ma = m.to(acc);
   const Tensor mx = at::matmul(x2d, ma.t()).contiguous();
-  const Tensor g = grad.reshape({-1, dout}).to(acc).contiguous();
-  const int64_t n = x2d.size(0);
+  const Tensor g = grad.reshape({n, dout}).to(acc).contiguous();
   // grad_mx = f g + 2 L_m2 mx ; grad_x (direct) = 2 L_x2 x ; then grad_x += grad_mx m.
   Tensor gmx = at::empty({n, dout}, mx.options()), gxd = at::empty({n, din}, mx.options());
   double total = 0;
