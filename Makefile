@@ -3,7 +3,7 @@
 #   make demo          set up, build, and run the demo (DATA=digits by default)
 #   make test          set up a venv (torch 2.13 CPU wheel), build, run the whole test suite
 #   make check-cuda    compile and link the CUDA kernels against torch 2.14.1 (CUDA 13), import the .so
-#   make bench         run the benchmark suite (pytest-benchmark) on this machine
+#   make bench         run the benchmark suite on this machine: CSV of record, plots, BENCHMARKS.md
 #   make check-install build an sdist, a wheel from it, and check the installed wheel works
 #   make clean
 #
@@ -75,8 +75,9 @@ CUDA_HOME_DIR ?= $(or $(CUDA_HOME),/usr/local/cuda)
 CUDA_ARCHS    ?= 8.0;9.0a
 
 # ---- the rest ------------------------------------------------------------------------------------
+# Appends to benchmarks/results/results.csv, redraws the plots, regenerates BENCHMARKS.md.
 bench: install
-	$(PY) -m pytest benchmarks -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m lfi_fast.cli bench $(BENCH_ARGS)
 
 # A wheel built from the sdist, installed outside the source tree, must work like the editable
 # install: compiled ops, Triton kernels (lfi_fast._kernels) and all.

@@ -2,17 +2,18 @@
 
 Bandwidth anchors (forward only): `torch-eager:add` (torch.add(x, y): reads two inputs, allocates
 and writes one output of the same size, as a fused binary op must) and `torch-eager:mul`
-(torch.mul(x, 2): one input, one output), and `torch-eager:copy` for the copy bandwidth that
-dist's forward (a small output) is measured against.
+(torch.mul(x, 2): one input, one output). The copy bandwidth that dist's forward (a small output)
+is measured against is bench_memory.py's copy case, which `lfi-fast bench` always runs.
+
+Bytes moved (GB/s, roofline): forward, the inputs read and the output written; full, that plus the
+backward's: the inputs and the output's gradient read, the inputs' gradients written.
 """
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
 
-from conftest import lfi_backends, sync_for
+from conftest import lfi_backends, nbytes, rotating
 
 C = 1.0
 
@@ -76,34 +77,26 @@ PROVIDERS = ("geoopt", "torch-eager", "lfi_fast:cpp", "lfi_fast:cuda", "lfi_fast
              "lfi_fast:torch")
 
 
-def _sizes(op, device, quick):
+def _sizes(device, quick):
     if quick:
         return 1 << 12, 16
     return (1 << 20 if device.type == "cuda" else 1 << 18), 64
 
 
-def _rounds(run, quick: bool) -> int:
-    """Enough rounds for a stable median within ~3 s per case (at least 5)."""
-    if quick:
-        return 1
-    t0 = time.perf_counter()
-    run()
-    dt = time.perf_counter() - t0
-    return int(max(5, min(20, 3.0 / max(dt, 1e-6))))
-
-
 @pytest.mark.parametrize("mode", ("forward", "full"))
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("op", OPS)
-def test_hyperbolic(benchmark, op, provider, mode, device, quick):
-    n, d = _sizes(op, device, quick)
+def test_hyperbolic(measure, op, provider, mode, device, quick):
+    n, d = _sizes(device, quick)
     args = [t.to(device) for t in _inputs(op, n, d)]
     if provider == "torch-eager":
         if mode != "forward" or op not in ANCHORS:
             pytest.skip("the bandwidth anchor is forward only, for row-wise ops")
-        fn = torch.add if ANCHORS[op] == "add" else (lambda *a: torch.mul(a[-1], 2.0))
         if ANCHORS[op] == "add":
+            fn = torch.add
             args = args[-2:] if len(args) >= 2 and args[-2].shape == args[-1].shape else [args[-1], args[-1]]
+        else:
+            fn, args = (lambda x: torch.mul(x, 2.0)), args[-1:]
         provider = f"torch-eager:{ANCHORS[op]}"
     elif provider == "geoopt":
         pytest.importorskip("geoopt")
@@ -113,40 +106,27 @@ def test_hyperbolic(benchmark, op, provider, mode, device, quick):
         if backend not in lfi_backends(device):
             pytest.skip(f"{provider} is not available on {device}")
         fn = _lfi(op, backend)
-    sync = sync_for(device)
+    out = fn(*args)
     if mode == "forward":
-        def run():
-            fn(*args)
-            sync()
+        bytes_read, bytes_written = nbytes(*args), nbytes(out)
+
+        def build():
+            inputs = [a.clone() for a in args]
+            return lambda: fn(*inputs)
     else:
-        leaves = [a.clone().requires_grad_() for a in args]
-        g = torch.randn_like(fn(*leaves))
+        bytes_read, bytes_written = 2 * nbytes(*args) + nbytes(out), nbytes(out) + nbytes(*args)
+        g = torch.randn_like(out)
 
-        def run():
-            for a in leaves:
-                a.grad = None
-            fn(*leaves).backward(g)
-            sync()
+        def build():
+            leaves = [a.clone().requires_grad_() for a in args]
 
-    shape = "x".join(str(s) for s in args[-1].shape)
-    benchmark.group = f"{op} {mode} {shape} float32 {device.type}"
-    benchmark.extra_info.update(provider=provider, anchor="geoopt", op=op, mode=mode,
-                                bytes=sum(a.numel() * a.element_size() for a in args))
-    benchmark.pedantic(run, rounds=_rounds(run, quick), warmup_rounds=0 if quick else 1)
+            def run():
+                for a in leaves:
+                    a.grad = None
+                fn(*leaves).backward(g)
 
+            return run
 
-@pytest.mark.parametrize("what", ("copy",))
-def test_copy_bandwidth(benchmark, what, device, quick):
-    """The copy bandwidth of this machine, measured in the same run (x.clone() of 2^18 x 64)."""
-    n, d = _sizes("dist", device, quick)
-    x = torch.randn(n, d, device=device)
-    sync = sync_for(device)
-
-    def run():
-        x.clone()
-        sync()
-
-    benchmark.group = f"copy {n}x{d} float32 {device.type}"
-    benchmark.extra_info.update(provider="torch-eager:copy", anchor="torch-eager:copy",
-                                bytes=2 * x.numel() * x.element_size())
-    benchmark.pedantic(run, rounds=5 if quick else 20, warmup_rounds=1)
+    measure(rotating(build, device, bytes_read + bytes_written), op=op, provider=provider,
+            anchor="geoopt", mode=mode, shape=args[-1].shape, dtype=args[-1].dtype,
+            bytes_read=bytes_read, bytes_written=bytes_written)

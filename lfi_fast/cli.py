@@ -2,6 +2,8 @@
 
     lfi-fast info      what is installed: version, backends (and why not), build details
     lfi-fast demo      the demo: lfi_fast's backends against geoopt on Möbius addition
+    lfi-fast bench     the benchmark suite (a source checkout's benchmarks/): appends to
+                       benchmarks/results/results.csv, writes the plots and BENCHMARKS.md
 
 Exit codes: 0 success, 2 usage error, 1 failure (a one-line error on stderr; --debug for the
 traceback).
@@ -9,10 +11,13 @@ traceback).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 
@@ -102,6 +107,64 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# bench_memory.py's copy case is the CPU's bandwidth roofline: it runs whatever the families chosen.
+ROOFLINE_FAMILY = "memory"
+
+
+def benchmarks_dir() -> Path:
+    """The benchmarks/ folder of the source checkout lfi_fast runs from (the wheel has none)."""
+    import lfi_fast
+
+    tried = [Path(lfi_fast.__file__).resolve().parent.parent / "benchmarks",
+             Path.cwd() / "benchmarks"]
+    for d in tried:
+        if (d / "conftest.py").is_file() and any(d.glob("bench_*.py")):
+            return d
+    raise RuntimeError("no benchmarks/ folder found (the benchmarks are not shipped in the wheel): "
+                       "run from a source checkout (installed with pip install -e ., or cd into "
+                       f"it); looked in {', '.join(map(str, dict.fromkeys(tried)))}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """pytest benchmarks/bench_<family>.py (timed), then benchmarks/report.py on the CSV."""
+    bench = benchmarks_dir()
+    for module in ("pytest", "pytest_benchmark"):
+        if importlib.util.find_spec(module) is None:
+            raise RuntimeError(f"{module} is not installed: pip install pytest pytest-benchmark")
+    families = sorted(p.stem.removeprefix("bench_") for p in bench.glob("bench_*.py"))
+    chosen = list(dict.fromkeys(args.family or families))
+    unknown = [f for f in chosen if f not in families]
+    if unknown:
+        raise ValueError(f"--family must be one of {', '.join(families)} "
+                         f"(got {', '.join(unknown)})")
+    if ROOFLINE_FAMILY in families and ROOFLINE_FAMILY not in chosen:
+        chosen.append(ROOFLINE_FAMILY)
+    default_out = bench / "results"
+    out = Path(args.out).resolve() if args.out else default_out
+    csv_path = out / "results.csv"
+    # The page of record is the checkout's; a run written elsewhere gets its own page there.
+    md_path = bench.parent / "BENCHMARKS.md" if out == default_out else out / "BENCHMARKS.md"
+
+    cmd = [sys.executable, "-m", "pytest", *(str(bench / f"bench_{f}.py") for f in chosen),
+           "-p", "no:cacheprovider", "-q", f"--results-csv={csv_path}",
+           "--benchmark-columns=median,iqr,rounds"]
+    cmd += ["--quick"] if args.quick else []
+    cmd += ["--device", args.device] if args.device else []
+    if args.k:  # the copy case stays: it is the roofline of the others
+        keep = f" or bench_{ROOFLINE_FAMILY}" if ROOFLINE_FAMILY in chosen else ""
+        cmd += ["-k", f"({args.k}){keep}"]
+    print("+ " + " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, cwd=bench.parent)
+    if rc == 5:
+        raise RuntimeError("pytest collected no benchmark case (check --family and -k)")
+    # The rows of the cases that ran are in the CSV even when some failed: report them.
+    report = subprocess.call([sys.executable, str(bench / "report.py"), "--csv", str(csv_path),
+                              "--md", str(md_path), "--plots", str(out)], cwd=bench.parent)
+    if rc:
+        print(f"lfi-fast bench: pytest exited with {rc}", file=sys.stderr)
+    return rc or report
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lfi-fast", description="lfi_fast: fast latent-space interpretability")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -116,6 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--data", default="digits", help="data set for the methods (digits, mnist, fashion-mnist)")
     s.set_defaults(func=cmd_demo)
+    s = sub.add_parser(
+        "bench", help="run the benchmark suite; record, plot and tabulate the results",
+        description="Run benchmarks/bench_<family>.py with pytest-benchmark (timed; the copy-"
+                    "bandwidth case always runs too), append a row per case to OUT/results.csv, "
+                    "then write the plots (OUT/*.png) and BENCHMARKS.md (the checkout's, or OUT's "
+                    "when --out is given) from the CSV. Needs a source checkout: the benchmarks "
+                    "are not in the wheel.")
+    s.add_argument("--family", action="append", metavar="F",
+                   help="a benchmarks/bench_F.py (hyperbolic, vq, gumbel, nuisance, methods, ...); "
+                        "repeat for several; default: every one")
+    s.add_argument("--quick", action="store_true",
+                   help="small sizes (rows marked quick: kept out of BENCHMARKS.md)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for results.csv and the plots (default: benchmarks/results)")
+    s.add_argument("-k", default=None, metavar="EXPR", help="only the cases pytest -k EXPR selects")
+    s.set_defaults(func=cmd_bench)
     return p
 
 
