@@ -95,19 +95,20 @@ def mobius_scalar_mul(r: torch.Tensor | float, x: torch.Tensor, c: Curvature = 1
         r = torch.tensor(float(r), dtype=x.dtype, device=x.device)
     V.check_tensor("r", r, min_dim=0)
     V.check_same(x=x, r=r)
-    if r.dim() > x.dim() or (r.dim() > 0 and r.shape[d - x.dim()] != 1):
+    if r.dim() >= x.dim() - d and r.shape[d - x.dim()] != 1:
         raise ValueError(
             f"r must broadcast against x with size 1 along dim {dim} (one scalar per point); "
             f"got r: {tuple(r.shape)}, x: {tuple(x.shape)}"
         )
     xs = x if d == x.dim() - 1 else x.movedim(d, -1)
-    rs = r if r.dim() == 0 or d == x.dim() - 1 else r.movedim(d - x.dim(), -1)
+    rs = r if r.dim() < x.dim() - d or d == x.dim() - 1 else r.movedim(d - x.dim(), -1)
     try:
         torch.broadcast_shapes(rs.shape, tuple(xs.shape[:-1]) + (1,))
     except RuntimeError:
         raise ValueError(f"r {tuple(r.shape)} does not broadcast against x {tuple(x.shape)}") from None
     out = _ops.call("mobius_scalar_mul", rs, xs, V.curvature(c, x), bool(project))
-    return _vector_out(out, d)
+    # r may add leading dims: the coordinate dim counts from the right.
+    return out if d == x.dim() - 1 else out.movedim(-1, d - x.dim())
 
 
 def mobius_matvec(m: torch.Tensor, x: torch.Tensor, c: Curvature = 1.0, *, dim: int = -1,

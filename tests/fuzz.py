@@ -581,6 +581,7 @@ def check_op_against_reference(
     gen: torch.Generator | None = None,
     what: str = "",
     lowp_ref_fn: Callable | None = None,
+    sum_floor: bool = False,
 ) -> torch.Tensor | None:
     """Call fn(*args, **kwargs) and judge it against ref_fn (the float64 reference).
 
@@ -599,6 +600,9 @@ def check_op_against_reference(
       into the row, for rows whose gradient cancels to ~0). A 0-dim argument (c) is one row.
     - lowp_ref_fn (optional, used for inputs of a dtype below float64): the reference evaluated in
       the compute dtype; values and gradients may also be off by LOWP_FACTOR times its error.
+    - sum_floor: the gradient to a one-element argument (c, a scalar r) sums one term per output
+      element, which may cancel; it may also be off by tol times the sum of the terms' magnitudes
+      (taken from the reference by forward-mode differentiation).
 
     Returns the result, or None when fn raised.
     """
@@ -671,7 +675,7 @@ def check_op_against_reference(
     if grad_args and bool(mask.all()) and dtype in (torch.float32, torch.float64):
         _event("compared gradients")
         _check_grads(fn, ref_fn, args, kwargs, grad_args, dim, dtype, tol, rel, gen, ctx,
-                     lowp_ref_fn if use_lowp else None)
+                     lowp_ref_fn if use_lowp else None, sum_floor)
     return out
 
 
@@ -711,7 +715,8 @@ def _select_rows(mask: torch.Tensor, dim: int | None):
     return sel
 
 
-def _check_grads(fn, ref_fn, args, kwargs, grad_args, dim, dtype, tol, rel, gen, ctx, lowp_ref_fn=None) -> None:
+def _check_grads(fn, ref_fn, args, kwargs, grad_args, dim, dtype, tol, rel, gen, ctx, lowp_ref_fn=None,
+                 sum_floor=False) -> None:
     grad_args = [i for i in grad_args if _is_float_tensor(args[i])]
     if not grad_args:
         return
@@ -760,8 +765,27 @@ def _check_grads(fn, ref_fn, args, kwargs, grad_args, dim, dtype, tol, rel, gen,
         gtol = TOL[gdtype] if tol is None else tol
         fan_in = g_rows / max(_rows(gk, dim), 1)
         allowance = SLACK_FACTOR * slack[k] + LOWP_FACTOR * lowp[k] + gtol * g_row_norm * fan_in
+        if sum_floor and a.numel() == 1:
+            allowance = allowance + gtol * _term_magnitudes(ref_fn, args64, kwargs, i, g)
         assert_rows_close(gk, want[k], dtype=gdtype, dim=_row_dim(gk, dim), tol=tol,
                           slack=allowance, what=f"{ctx}grad of argument {i}")
+
+
+def _term_magnitudes(ref_fn, args64, kwargs, i, g) -> torch.Tensor:
+    """sum_j |g_j d ref_j / d args[i]| for a one-element args[i] (forward mode), or 0 where the
+    reference cannot be differentiated forward."""
+    import torch.autograd.forward_ad as fwAD
+
+    try:
+        with fwAD.dual_level():
+            dual = [a.detach() if isinstance(a, torch.Tensor) else a for a in args64]
+            dual[i] = fwAD.make_dual(dual[i], torch.ones_like(dual[i]))
+            tangent = fwAD.unpack_dual(ref_fn(*dual, **kwargs)).tangent
+    except (RuntimeError, NotImplementedError):
+        return torch.zeros(())
+    if tangent is None:
+        return torch.zeros(())
+    return (g.double().to(tangent.device) * tangent).abs().sum().nan_to_num(0.0, posinf=0.0)
 
 
 def _rows(t: torch.Tensor, dim: int | None) -> int:
