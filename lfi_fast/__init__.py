@@ -19,6 +19,18 @@ from .version import __version__
 
 from . import hyperbolic, nn  # noqa: E402  (public families import the op layer)
 
+# The other families, the data loaders and the explainers load on first use (lfi_fast.vq, ...):
+# `import lfi_fast` stays light, and a family's import error shows where it is used.
+_LAZY = ("vq", "gumbel", "nuisance", "data", "models", "explain", "batch", "geoopt")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "BACKENDS",
     "__version__",

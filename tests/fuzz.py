@@ -69,14 +69,16 @@ PERTURB_ULPS = 4
 SLACK_FACTOR = 16
 PERTURB_TRIALS = 3
 
-# Rounding that the float64 reference does not see: a formula that rounds an intermediate near a
-# singularity (artanh of an argument rounded next to 1, 1 - tanh^2 near saturation) is off in
-# float32 by far more than a few ulps of its inputs explain. Where a test passes `lowp_ref_fn` (the
-# reference evaluated in the compute dtype: PyTorch's own rounding of the same formulas), a row may
-# also be off by LOWP_FACTOR times that evaluation's largest error (unperturbed and over the
-# perturbation trials, inputs moved by one ulp), as flash-attention judges a kernel by PyTorch's
-# error in the same dtype (a kernel that sums a row in the compute dtype rounds a few times more
-# than PyTorch's reductions, which accumulate float32 in float64 on the CPU).
+# Rounding that perturbing the inputs does not show: a formula that rounds an intermediate near a
+# singularity (artanh of an argument rounded next to 1, 1 - tanh^2 near saturation, lambda_x and
+# 1 - c|x|^2 next to the boundary, which cancel in exact arithmetic) is off by far more than a few
+# ulps of its inputs explain. Where a test passes `lowp_ref_fn` — another evaluation of the
+# reference: in the compute dtype for inputs below float64 (PyTorch's own rounding of the same
+# formulas), an independent implementation for float64 (geoopt's, say) — a row may also be off by
+# LOWP_FACTOR times that evaluation's largest deviation from the reference (unperturbed and over
+# the perturbation trials, inputs moved by one ulp), as flash-attention judges a kernel by
+# PyTorch's error in the same dtype (a kernel that sums a row in the compute dtype rounds a few
+# times more than PyTorch's reductions, which accumulate float32 in float64 on the CPU).
 LOWP_FACTOR = 8
 
 
@@ -598,8 +600,10 @@ def check_op_against_reference(
       the dtype is float32 or float64, must match the reference's (shape and dtype of the input;
       same per-row tolerance, with an absolute floor of tol times the upstream gradient flowing
       into the row, for rows whose gradient cancels to ~0). A 0-dim argument (c) is one row.
-    - lowp_ref_fn (optional, used for inputs of a dtype below float64): the reference evaluated in
-      the compute dtype; values and gradients may also be off by LOWP_FACTOR times its error.
+    - lowp_ref_fn (optional): another evaluation of the reference, called with the arguments in the
+      compute dtype (float32 for float32 and the half types: PyTorch's own rounding; for float64,
+      an independent float64 implementation); values and gradients may also be off by LOWP_FACTOR
+      times its deviation from ref_fn.
     - sum_floor: the gradient to a one-element argument (c, a scalar r) sums one term per output
       element, which may cancel; it may also be off by tol times the sum of the terms' magnitudes
       (taken from the reference by forward-mode differentiation).
@@ -660,7 +664,7 @@ def check_op_against_reference(
             slack = change if slack is None else torch.maximum(slack, change)
     slack = SLACK_FACTOR * slack
     low_dtype = compute_dtype(dtype)
-    use_lowp = lowp_ref_fn is not None and low_dtype != torch.float64
+    use_lowp = lowp_ref_fn is not None
     if use_lowp:
         with torch.no_grad():
             for trial in range(-1, PERTURB_TRIALS):

@@ -242,6 +242,63 @@ def geoopt64(name, *tensors, c, dim=-1, project=True, keepdim=True, dtype=F64):
 ORACLES = {"reference": reference64, "geoopt": geoopt64}
 
 
+# A factor that is not a power of two: every length times RESCALE (c over RESCALE^2) is the same
+# problem with other roundings.
+RESCALE = 1 + 2.0**-20
+
+
+def _rescaled(oracle, name, k, **kw):
+    """oracle on the problem with every length times RESCALE**k: points and tangent vectors times
+    it, c over its square, the result over it (r and m have no length)."""
+    roles, s = OPS[name].roles, RESCALE**k
+
+    def fn(*a):
+        t = [v * s if role in ("point", "tangent") else v for v, role in zip(a[:-1], roles)]
+        return oracle(name, *t, c=a[-1] / s**2, **kw) / s
+
+    return fn
+
+
+def second_opinion(name, oracle_name, dtype, *, dim=-1, project=True):
+    """The harness's lowp_ref_fn for an oracle, (*tensors, c) -> output: other evaluations of the
+    same formulas, whose deviation from the oracle is rounding that the kernels cannot avoid either.
+    Each evaluation solves the problem rescaled by RESCALE**k, which rounds every intermediate
+    differently; in each output row the one farthest from the oracle counts (one may be lucky).
+
+    float64: the oracle itself, k = 1..4. Where they disagree, the formulas' own rounding decides,
+    which perturbing the inputs does not show when the function is insensitive to a quantity that
+    the formulas compute with cancellation (lambda_x times 1 - c|x|^2 next to the boundary,
+    1 - tanh^2 times artanh' near saturation).
+
+    Below float64: reference_lowp (PyTorch's float32 rounding of the formulas), k = 0..7: a distance
+    whose tanh(d/2) lies within a few float32 steps of 1 is off by up to 1e-2, depending on how one
+    rounding falls."""
+    kw = dict(dim=dim, project=project)
+    oracle = ORACLES[oracle_name]
+    if dtype == F64:
+        evals = [_rescaled(oracle, name, k, dtype=dtype, **kw) for k in range(1, 5)]
+    else:
+        lowp = lambda n, *t, c, **k2: reference_lowp(n, *t, c=c, **k2)  # noqa: E731
+        evals = [_rescaled(lowp, name, k, **kw) for k in range(8)]
+
+    def worst(*a):
+        with torch.no_grad():
+            want = oracle(name, *a[:-1], c=a[-1], dtype=dtype, **kw)
+        best, best_dev = None, None
+        for e in evals:
+            o = e(*a)
+            d = (o.detach().double() - want).abs().nan_to_num(0.0, posinf=0.0)
+            if dim is not None and d.dim() > 0:
+                d = d.amax(dim=dim, keepdim=True)
+            if best is None:
+                best, best_dev = o, d
+                continue
+            best, best_dev = torch.where(d > best_dev, o, best), torch.maximum(d, best_dev)
+        return best
+
+    return worst
+
+
 def gram_slack(x: torch.Tensor, y: torch.Tensor, c: float, dtype: torch.dtype) -> torch.Tensor:
     """pairwise_dist's documented error, per pair (N, M), in float64: it takes |s|^2 of
     s = (-x) ⊕ y = sa x + sb y from |x|^2, |y|^2 and the GEMM <x, y>, which loses about
@@ -318,10 +375,11 @@ def make_arg(role: str, kind: str, n: int, d: int, c: float, gen: torch.Generato
 
 
 # Per op: blocks of rows, each the kinds of the op's arguments (m, shared by every row, has None;
-# "same": the previous argument's rows, i.e. coincident points; "rand@x": a tangent vector at the
-# previous argument's point x of Riemannian length lambda_x |u| up to 4/sqrt(c)). Points "boundary"
-# lie within 1e-6 (relative) of the ball's boundary, clearly beyond the projection radius
-# (1 - 1e-5)/sqrt(c): no input sits at that radius, where geoopt's projection jumps.
+# "rand@x": a tangent vector at the previous argument's point x of Riemannian length
+# lambda_x |u| up to 4/sqrt(c); "same", in test_coincident_points: the previous argument's rows).
+# Points "boundary" lie within 1e-6 (relative) of the ball's boundary, clearly beyond the
+# projection radius (1 - 1e-5)/sqrt(c): no input sits at that radius, where geoopt's projection
+# jumps.
 BLOCKS = {
     "mobius_scalar_mul": (
         ("rand", "inside"), ("rand", "boundary"), ("rand", "zeros"), ("rand", "tiny"), ("zero", "inside"),
@@ -334,7 +392,7 @@ BLOCKS = {
     ),
     "logmap": (
         ("inside", "inside"), ("boundary", "inside"), ("inside", "boundary"), ("boundary", "boundary"),
-        ("zeros", "inside"), ("inside", "zeros"), ("inside", "same"),
+        ("zeros", "inside"), ("inside", "zeros"),
     ),
     "expmap0": (("rand",), ("zeros",), ("tiny",), ("large",)),
     "logmap0": (("inside",), ("boundary",), ("zeros",), ("tiny",), ("outside",)),
@@ -355,14 +413,14 @@ def float32_blocks(name):
     significant digit, and a distance between two such points is rounding noise near the artanh
     clamp (1 - 1.19e-7 in float32), where it jumps with the last bit. Points near the origin are
     test_small_points_keep_their_precision's: tiny points, points inside the ball nearer than 0.05
-    radii ("inside32" stays beyond), coincident points (logmap: artanh of a tiny |(-x) ⊕ y|) and, for
-    the ops whose gradient there is artan_k(1e-15)/1e-15, the origin. r times a point outside the
-    ball overflows float32 in geoopt's Taylor branch (c <= 1e-8: r (|x| - c|x|^3/3) cubed again)."""
+    radii ("inside32" stays beyond) and, for the ops whose gradient there is
+    artan_k(1e-15)/1e-15, the origin. r times a point outside the ball overflows float32 in geoopt's
+    Taylor branch (c <= 1e-8: r (|x| - c|x|^3/3) cubed again)."""
     op = OPS[name]
     out = []
     for kinds in BLOCKS[name]:
         point_kinds = [k for r, k in zip(op.roles, kinds) if r == "point"]
-        if "tiny" in point_kinds or "same" in kinds:
+        if "tiny" in point_kinds:
             continue
         if "zeros" in point_kinds and name in ("mobius_scalar_mul", "logmap0"):
             continue
@@ -443,7 +501,7 @@ def check_against_oracles(backend, name, tensors, c, *, dtype, project=True, ora
             grad_args=tuple(range(n + 1)) if grads else (),
             gen=gen,
             what=f"{name} on {backend} vs {oracle_name}: {what}",
-            lowp_ref_fn=lambda *a: reference_lowp(name, *a[:n], c=a[n], dim=dim, project=project),
+            lowp_ref_fn=second_opinion(name, oracle_name, dtype, dim=dim, project=project),
             sum_floor=True,
         )
 
@@ -469,10 +527,12 @@ def test_values_and_grads_match_geoopt_and_reference(name, device, backend, dtyp
                           dtype=dtype, what=f"{name} on {backend}: float c vs tensor c")
 
 
-@pytest.mark.parametrize(("name", "device", "backend"), op_params(["dist"]))
-def test_dist_between_coincident_points(name, device, backend, gen):
-    """dist(x, x) = 0 up to rounding, like geoopt's; the gradient is undefined there (the norm of
-    (-x) ⊕ x, a vector of rounding errors): only finite gradients are asked for."""
+@pytest.mark.parametrize(("name", "device", "backend"), op_params(["dist", "logmap"]))
+def test_coincident_points(name, device, backend, gen):
+    """dist(x, x) and logmap(x, x): 0 up to rounding, like geoopt's, and finite gradients. No more:
+    dist's gradient is undefined there (the direction of (-x) ⊕ x, a vector of rounding errors),
+    and geoopt's gradient of logmap there is rounding noise (artanh(z)/z of a z of the order of
+    the rounding error, through (log(1 + z) - log(1 - z)) / 2: 0.88 instead of 1, say)."""
     blocks = (("inside", "same"), ("boundary", "same"), ("zeros", "same"), ("tiny", "same"))
     for dtype in (F64, F32):
         for c in C_ALL:
@@ -480,8 +540,9 @@ def test_dist_between_coincident_points(name, device, backend, gen):
             ct = torch.tensor(c, dtype=dtype)
             check_against_oracles(backend, name, (x, y), ct, dtype=dtype, gen=gen, grads=False,
                                   what=f"{dtype} c={c} ({legend})")
+            shape = (x.shape[0], 1) if name == "dist" else x.shape
             out, grads = grads_of(lambda a, b, cc: call(backend, name, a, b, c=cc), (x, y, ct),
-                                  torch.randn(x.shape[0], 1, generator=gen, dtype=F64).to(device))
+                                  torch.randn(shape, generator=gen, dtype=F64).to(device))
             for g, arg in zip(grads, ("x", "y", "c")):
                 assert g is not None and bool(torch.isfinite(g).all()), f"{backend} {dtype} c={c}: grad {arg}"
 
@@ -530,7 +591,7 @@ def test_small_points_keep_their_precision(name, device, backend, dtype, gen):
     reference, is off by ~1e-16/z: far below float32's tolerance."""
     op = OPS[name]
     norms = torch.cat([torch.logspace(-2, -30, 9, dtype=F64), torch.zeros(1, dtype=F64)])[:, None]
-    if name == "dist":  # dist(0, 0) has no gradient (test_dist_between_coincident_points)
+    if name == "dist":  # dist(0, 0) has no gradient (test_coincident_points)
         norms = norms[:-1]
     n = norms.shape[0]
     legend = "rows: sqrt(c)|x| = " + ", ".join(f"{float(v):.0e}" for v in norms.flatten())
@@ -555,7 +616,7 @@ def test_small_points_keep_their_precision(name, device, backend, dtype, gen):
             lambda *a: reference64(name, *a[:nt], c=a[nt], dtype=dtype),
             (*args, ct), grad_args=tuple(range(nt + 1)), gen=gen,
             what=f"{name} on {backend}, {dtype}, c={c}, {legend}",
-            lowp_ref_fn=lambda *a: reference_lowp(name, *a[:nt], c=a[nt]),
+            lowp_ref_fn=second_opinion(name, "reference", dtype),
             sum_floor=True,
         )
 
@@ -599,7 +660,7 @@ def test_scalar_mul_forms_of_r(name, device, backend, form, gen):
                     lambda rr, xx, cc: oracle(name, rr, xx, c=cc, dim=dim, dtype=dtype),
                     (r, x, ct), dim=dim, grad_args=grad_args, gen=gen,
                     what=f"{backend} r {form} {dtype} c={c} vs {oracle_name}",
-                    lowp_ref_fn=lambda rr, xx, cc: reference_lowp(name, rr, xx, c=cc, dim=dim),
+                    lowp_ref_fn=second_opinion(name, oracle_name, dtype, dim=dim),
                     sum_floor=True,
                 )
                 assert out.shape == want_shape
@@ -699,7 +760,7 @@ def test_pairwise_dist_matches_geoopt_and_reference(name, device, backend, dtype
                     lambda a, b, cc: oracle(name, a, b, c=cc, dtype=dtype),
                     (x, y, ct), dim=dim, grad_args=grad_args, gen=gen,
                     what=f"pairwise_dist on {backend} vs {oracle_name}: {dtype} c={c}",
-                    lowp_ref_fn=lambda a, b, cc: reference_lowp(name, a, b, c=cc),
+                    lowp_ref_fn=second_opinion(name, oracle_name, dtype),
                     sum_floor=True,
                 )
                 assert out.shape == (8, 6)
@@ -1144,7 +1205,7 @@ def op_cases(draw, name):
     case = draw(poincare_cases(names, max_side=4, max_d=40))
     extra = {"seed": draw(seeds())}
     if name == "mobius_scalar_mul":
-        extra["r"] = draw(st.sampled_from(["number", "0-dim", "rows", "broadcast", "more dims"]))
+        extra["r"] = draw(st.sampled_from(["number", "0-dim", "rows", "more dims"]))
     if name == "mobius_matvec":
         extra["out"] = draw(st.integers(1, 9))
         extra["zero_row"] = draw(st.booleans())
@@ -1299,7 +1360,7 @@ def _fuzz_pairwise(device, backend, cfg):
             (x, y, c), error_names=bad, must_raise=bool(bad), may_raise=problem == "unchecked",
             domain=domain, dim=None, grad_args=(0, 1, 2), gen=torch.Generator().manual_seed(points[0].seed),
             what=f"pairwise_dist on {backend}",
-            lowp_ref_fn=lambda a, b, cc: reference_lowp("pairwise_dist", a, b, c=cc),
+            lowp_ref_fn=second_opinion("pairwise_dist", "reference", dtype),
             sum_floor=True,
         )
         if isinstance(domain, torch.Tensor) and bool((inside & near).any()):
@@ -1336,6 +1397,9 @@ def test_fuzz(name, device, backend):
         if op.roles[0] in ("scalar", "matrix"):
             args.insert(0, _extra_arg(name, case, extra, device))
         nt = len(op.args)
+        # The result's coordinate dim counted from the right: r may add leading dims.
+        nd = len(case.points[0].shape)
+        out_dim = case.dim - nd if 0 <= case.dim < nd else case.dim
         check_op_against_reference(
             lambda *a: call(backend, name, *a[:nt], c=a[nt], dim=case.dim, project=case.project),
             lambda *a: reference64(name, *a[:nt], c=a[nt], dim=case.dim, project=case.project, dtype=dtype),
@@ -1344,11 +1408,11 @@ def test_fuzz(name, device, backend):
             must_raise=built.must_raise,
             may_raise=built.may_raise,
             domain=fuzz_domain(name, built, case, device),
-            dim=case.dim,
+            dim=out_dim,
             grad_args=tuple(i for i in range(nt + 1) if isinstance(args[i], torch.Tensor)),
             gen=torch.Generator().manual_seed(case.points[0].seed),
             what=f"{name} on {backend} ({device})",
-            lowp_ref_fn=lambda *a: reference_lowp(name, *a[:nt], c=a[nt], dim=case.dim, project=case.project),
+            lowp_ref_fn=second_opinion(name, "reference", dtype, dim=case.dim, project=case.project),
             sum_floor=True,
         )
 
