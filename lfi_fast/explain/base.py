@@ -241,3 +241,18 @@ def load_explainer(path: str | os.PathLike, map_location: str | torch.device = "
     cls_name = next(k for k, v in _CLASSES.items() if v == method)
     cls = getattr(importlib.import_module(f"lfi_fast.explain.{method}"), cls_name)
     return cls.load(path, map_location=map_location, **kwargs)
+
+
+def contiguous_runs(index: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) positions of the runs of consecutive dataset indices in `index`, so that a
+    method can draw one random stream per run at offset index[start] * (counters per example):
+    every example's noise then depends on (seed, its dataset index) only, whatever the batch."""
+    if index.dim() != 1:
+        raise ValueError(f"index must be 1-dim (got shape {tuple(index.shape)})")
+    if index.numel() == 0:
+        return []
+    idx = index.detach().cpu()
+    breaks = (torch.nonzero(idx[1:] != idx[:-1] + 1).flatten() + 1).tolist()
+    starts = [0] + breaks
+    ends = breaks + [idx.numel()]
+    return list(zip(starts, ends))
