@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -31,6 +32,18 @@
   LFI_CHECK_FLOATING(t)
 
 namespace lfi_fast {
+
+// The compute type of the row kernels: float32 for float16 and float32 (at::opmath_type), float64
+// for float64 and for bfloat16, whose range is float32's: |x|^2 of a finite bfloat16 vector can
+// overflow float32, and a finite input must never give a non-finite output.
+template <typename scalar_t>
+using compute_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, double,
+                                     at::opmath_type<scalar_t>>;
+
+// compute_t as a runtime dtype, for the ATen calls (GEMMs) of the kernels built on them.
+inline at::ScalarType compute_type(at::ScalarType t) {
+  return t == at::kBFloat16 ? at::kDouble : at::toOpMathType(t);
+}
 
 // Projection margin below the ball's radius, as geoopt: 4e-3 for float32 and 1e-5 for float64.
 // Half types compute in float32 and take float32's margin, which is above their step below 1

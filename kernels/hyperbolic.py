@@ -17,7 +17,7 @@ name (a constexpr) and a BWD flag:
     _dist_kernel    out = F(|s|^2), s = sa x + sb y (or s = x)     dist, dist0
     _pair_kernel    out[i, j] from |x_i|^2, |y_j|^2, <x_i, y_j>   pairwise_dist (after a GEMM)
 
-Half types compute in float32, float64 in float64. c on the CPU is read on the host and passed as
+float16 computes in float32, bfloat16 and float64 in float64. c on the CPU is read on the host and passed as
 an fp64 scalar; c on the inputs' device is loaded by the kernel (never read back).
 """
 from __future__ import annotations
@@ -186,6 +186,20 @@ def _dlog(a):
 
 
 @triton.jit
+def _flog1p(z):
+    # log1p without libdevice: log(u) * z / (u - 1) with u = 1 + z corrects the rounding of u
+    # (Goldberg); exact z where u rounds to 1.
+    u = 1.0 + z
+    d = u - 1.0
+    return tl.where(d == 0.0, z, tl.log(u) * _fdiv(z, tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
+def _dlog1p(a):
+    return _dchain(a, _flog1p(a[0]), _fdiv(1.0, 1.0 + a[0]))
+
+
+@triton.jit
 def _dwhere(cond, a, b):
     r = (tl.where(cond, a[0], b[0]),)
     for i in tl.static_range(1, len(a)):
@@ -206,6 +220,15 @@ def _k(v, like):
     # A constant in like's type. Comparisons need it: tensor.__lt__ & co. turn a Python float into
     # an fp32 constant first, so `x_fp64 > 1 - 1e-7` would test against fp32(1 - 1e-7).
     return tl.full([], v, like.dtype)
+
+
+@triton.jit
+def _to_out(v, ptr):
+    # The store's conversion to the output dtype; to bfloat16 through float32 (the interpreter's
+    # float64 -> bfloat16 conversion reinterprets bits instead of rounding).
+    if ptr.dtype.element_ty == tl.bfloat16:
+        v = v.to(tl.float32)
+    return v.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -244,7 +267,7 @@ def _artan_k(x, c):  # artanh(sqrt(c) x) / sqrt(c); x - c x^3 / 3 for c <= 1e-8
     taylor = _dsub(x, _ddivk(_dmul(_dmul(_dmul(c, x), x), x), 3.0))
     sc = _dsqrt(_dshift(c, MIN_NORM))
     z = _dclamp(_dmul(x, sc), -ARTANH_MAX, ARTANH_MAX)
-    at = _dscale(_dsub(_dlog(_dshift(z, 1.0)), _dlog(_drsub(1.0, z))), 0.5)
+    at = _dscale(_dsub(_dlog1p(z), _dlog1p(_dscale(z, -1.0))), 0.5)  # as hyperbolic_math.h
     return _dwhere(c[0] <= _k(ZERO_CURVATURE, c[0]), taylor, _ddiv(at, sc))
 
 
@@ -395,15 +418,15 @@ def _binary_kernel(
         l_xy = gx * a[3] + gy * b[3]
         grad_x = a[0][:, None] * g + (2.0 * l_x2)[:, None] * x + l_xy[:, None] * y
         grad_y = b[0][:, None] * g + l_xy[:, None] * x + (2.0 * l_y2)[:, None] * y
-        tl.store(out_ptr + offs, grad_x.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(gy_ptr + offs, grad_y.to(gy_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, _to_out(grad_x, out_ptr), mask=mask)
+        tl.store(gy_ptr + offs, _to_out(grad_y, gy_ptr), mask=mask)
         if NEEDS_GC:
             gc = gx * a[4] + gy * b[4]
-            tl.store(gc_ptr + rows, gc.to(gc_ptr.dtype.element_ty), mask=rows < n_rows)
+            tl.store(gc_ptr + rows, _to_out(gc, gc_ptr), mask=rows < n_rows)
     else:
         a, b = _binary_coef((x2,), (y2,), (xy,), (c,), OP, PROJECT, EPS)
         out = a[0][:, None] * x + b[0][:, None] * y
-        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, _to_out(out, out_ptr), mask=mask)
 
 
 @triton.jit
@@ -440,17 +463,17 @@ def _unary_kernel(
         fv = tl.where(keep, f[0], 0.0)
         k_x = tl.where(keep, 2.0 * gx * f[1], 0.0)
         grad_x = fv[:, None] * g + k_x[:, None] * x
-        tl.store(out_ptr + offs, grad_x.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, _to_out(grad_x, out_ptr), mask=mask)
         if HAS_R:
             gr = tl.where(keep, gx * f[3], 0.0)
-            tl.store(gr_ptr + rows, gr.to(gr_ptr.dtype.element_ty), mask=row_mask)
+            tl.store(gr_ptr + rows, _to_out(gr, gr_ptr), mask=row_mask)
         if NEEDS_GC:
             gc = tl.where(keep, gx * f[2], 0.0)
-            tl.store(gc_ptr + rows, gc.to(gc_ptr.dtype.element_ty), mask=row_mask)
+            tl.store(gc_ptr + rows, _to_out(gc, gc_ptr), mask=row_mask)
     else:
         f = _unary_coef((x2,), (c,), (r,), OP, PROJECT, EPS)
         fv = tl.where(keep, f[0], 0.0)
-        tl.store(out_ptr + offs, (fv[:, None] * x).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, _to_out(fv[:, None] * x, out_ptr), mask=mask)
 
 
 @triton.jit
@@ -505,15 +528,15 @@ def _dist_kernel(
             gy_y = ks * sb[0] * sb[0] + 2.0 * l_y2
             grad_x = gx_x[:, None] * x + gx_y[:, None] * y
             grad_y = gy_x[:, None] * x + gy_y[:, None] * y
-            tl.store(gy_ptr + offs, grad_y.to(gy_ptr.dtype.element_ty), mask=mask)
+            tl.store(gy_ptr + offs, _to_out(grad_y, gy_ptr), mask=mask)
         else:
             grad_x = ks[:, None] * x
-        tl.store(out_ptr + offs, grad_x.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, _to_out(grad_x, out_ptr), mask=mask)
         if NEEDS_GC:
-            tl.store(gc_ptr + rows, gc.to(gc_ptr.dtype.element_ty), mask=row_mask)
+            tl.store(gc_ptr + rows, _to_out(gc, gc_ptr), mask=row_mask)
     else:
         f = _dist_from_sq((s2,), (c,))
-        tl.store(out_ptr + rows, f[0].to(out_ptr.dtype.element_ty), mask=row_mask)
+        tl.store(out_ptr + rows, _to_out(f[0], out_ptr), mask=row_mask)
 
 
 @triton.jit
@@ -541,7 +564,7 @@ def _pair_kernel(
         o = z + 1.0
         f = _pair_dist((x2, o, z, z, z), (y2, z, o, z, z), (xy, z, z, o, z), (c, z, z, z, o))
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(CDT)
-        tl.store(out_ptr + offs, (g * f[3]).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, _to_out(g * f[3], out_ptr), mask=mask)
         tl.store(px_ptr + rows * n_blocks_m + pid_m, tl.sum(tl.where(mask, g * f[1], 0.0), axis=1),
                  mask=rows < N)
         tl.store(py_ptr + pid_n.to(tl.int64) * M + cols,
@@ -551,7 +574,7 @@ def _pair_kernel(
                      tl.sum(tl.where(mask, g * f[4], 0.0), axis=1), mask=rows < N)
     else:
         f = _pair_dist((x2,), (y2,), (xy,), (c,))
-        tl.store(out_ptr + offs, f[0].to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, _to_out(f[0], out_ptr), mask=mask)
 
 
 # ---- launchers: the checks and shapes of csrc/cpu/hyperbolic.cpp ---------------------------------
@@ -610,9 +633,13 @@ def _empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch
 
 
 def _compute_types(dtype: torch.dtype):
-    """(Triton compute type, its torch dtype, projection eps) for an input dtype."""
+    """(Triton compute type, its torch dtype, projection eps) for an input dtype: as the C++
+    kernels' compute_t, float32 for float16 and float32, float64 for float64 and for bfloat16
+    (float32's range: the squared norm of a finite bfloat16 vector can overflow float32)."""
     if dtype == torch.float64:
         return tl.float64, torch.float64, 1e-5
+    if dtype == torch.bfloat16:
+        return tl.float64, torch.float64, 4e-3
     return tl.float32, torch.float32, 4e-3
 
 

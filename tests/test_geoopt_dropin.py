@@ -9,10 +9,11 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_rows_close
+from conftest import assert_rows_close, row_norm
 
 geoopt = pytest.importorskip("geoopt")
 
+import lfi_fast
 import lfi_fast.geoopt as lg
 
 F64 = torch.float64
@@ -173,14 +174,20 @@ def test_method_matches_geoopt(case, layout, c, learnable, gen):
     weights = [torch.randn(o.shape, generator=gen, dtype=F64) for o in ref_outs]
     out_t, grad_t = _run(theirs, name, tensors, kw, weights)
     out_o, grad_o = _run(ours, name, tensors, kw, weights)
+    with lfi_fast.use_backend("torch"):  # lfi_fast's reference: geoopt's formulas, log1p artanh
+        out_r, grad_r = _run(ours, name, tensors, kw, weights)
     dim = kw.get("dim", -1)
-    for i, (a, b) in enumerate(zip(out_o, out_t)):
+    names = [f"output {i}" for i in range(len(out_o))] + [
+        f"grad {n}" for n in list(args) + (["isp_c"] if learnable else [])]
+    for what, a, b, r in zip(names, out_o + grad_o, out_t + grad_t, out_r + grad_r):
         assert a.dtype == b.dtype
-        assert_rows_close(a, b, dtype=F64, dim=_row_dim(b, dim, D), what=f"{name} output {i}")
-    names = list(args) + (["isp_c"] if learnable else [])
-    for n, a, b in zip(names, grad_o, grad_t):
-        assert_rows_close(a, b, dtype=F64, dim=_row_dim(b, dim, D), slack=_roundoff(b),
-                          what=f"{name} grad {n}")
+        rd = _row_dim(b, dim, D)
+        assert_rows_close(a, r, dtype=F64, dim=rd, slack=_roundoff(r), what=f"{name} {what} vs reference")
+        # geoopt's artanh, 0.5 (log(1 + z) - log(1 - z)), drifts from the exact value at tiny z
+        # (at x = 0 its gradients are off by up to ~30 %): where it does, we match the exact value,
+        # so the comparison with geoopt allows geoopt's own deviation from the reference.
+        own = 2 * row_norm(b - r, rd)
+        assert_rows_close(a, b, dtype=F64, dim=rd, slack=_roundoff(b) + own, what=f"{name} {what} vs geoopt")
 
 
 def _roundoff(ref: torch.Tensor) -> torch.Tensor:

@@ -155,7 +155,7 @@ def artanh_clamp_of(dtype: torch.dtype):
 
     def artanh(x):
         x = x.clamp(-hi, hi)
-        return 0.5 * (torch.log(1 + x) - torch.log(1 - x))
+        return 0.5 * (torch.log1p(x) - torch.log1p(-x))  # as lfi_fast.reference
 
     ref._artanh = artanh
     try:
@@ -514,14 +514,21 @@ def test_values_and_grads_match_geoopt_and_reference(name, device, backend, dtyp
     float32 against the reference."""
     op = OPS[name]
     blocks = BLOCKS[name] if dtype == F64 else float32_blocks(name)
+    # geoopt's artanh, 0.5 (log(1 + z) - log(1 - z)), is off by ~1e-16/z at tiny z (at x = 0 its
+    # gradients by up to ~30 %; logmap0 of |x| = 1e-20 at c = 1e-4 is 0); lfi_fast's log1p is not.
+    # Rows of zero or tiny norm are held to the reference only (test_geoopt_dropin compares them
+    # with geoopt allowing geoopt's own deviation).
+    geoopt_blocks = [b for b in blocks if not any(k in ("zeros", "tiny") for k in b)]
     for c in C_ALL:
         tensors, legend = block_inputs(name, c, gen, dtype=dtype, device=device, blocks=blocks)
         ct = torch.tensor(c, dtype=dtype)
-        oracles = default_oracles(dtype)
-        runs = [(True, oracles)] + ([(False, oracles[-1:])] if op.project else [])
-        for project, oracles in runs:
-            check_against_oracles(backend, name, tensors, ct, dtype=dtype, project=project, oracles=oracles,
-                                  gen=gen, what=f"{dtype} c={c} project={project} ({legend})")
+        for project in (True, False) if op.project else (True,):
+            for oracle in default_oracles(dtype):
+                t, leg = tensors, legend
+                if oracle == "geoopt":
+                    t, leg = block_inputs(name, c, gen, dtype=dtype, device=device, blocks=geoopt_blocks)
+                check_against_oracles(backend, name, t, ct, dtype=dtype, project=project, oracles=(oracle,),
+                                      gen=gen, what=f"{dtype} c={c} project={project} ({leg})")
         # c as a Python number: the same values as the tensor c
         assert_rows_close(call(backend, name, *tensors, c=c), call(backend, name, *tensors, c=ct),
                           dtype=dtype, what=f"{name} on {backend}: float c vs tensor c")

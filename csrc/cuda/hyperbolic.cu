@@ -86,7 +86,7 @@ LFI_D void store_pack(T* p, const Pack<T, N>& v) {
 // apart.
 template <typename T, int VEC, int CHUNKS>
 struct Tile {
-  using acc_t = at::opmath_type<T>;
+  using acc_t = compute_t<T>;
   Pack<T, VEC> p[CHUNKS];
 
   // Packs past the row's end read as zeros, so that they add nothing to the dot products.
@@ -115,8 +115,8 @@ struct Curvature {
 
 // The projection margin of the op's dtype, in the compute type.
 template <typename scalar_t>
-LFI_D at::opmath_type<scalar_t> eps() {
-  return static_cast<at::opmath_type<scalar_t>>(ball_eps<scalar_t>());
+LFI_D compute_t<scalar_t> eps() {
+  return static_cast<compute_t<scalar_t>>(ball_eps<scalar_t>());
 }
 
 // Where a thread sits: its row, its first column and the shuffle mask of its group (G lanes of one
@@ -172,7 +172,7 @@ struct RowPolicy {
   using scalar_t = scalar_t_;  // the op's dtype
   using in_t = in_t_;
   using out_t = out_t_;
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = compute_t<scalar_t>;
   using SegA = Segment<in_t, out_t, NINA, NOUTA>;
   using SegB = Segment<in_t, out_t, NINB, NOUTB>;
   SegA a;
@@ -206,7 +206,7 @@ LFI_D RowPtrs<P, Seg> row_ptrs(const Seg& s, int64_t row) {
 template <int VEC, int CHUNKS, typename in_t, int NIN, typename Ptrs, typename F>
 LFI_D void sweep(const Ptrs& r, Tile<in_t, VEC, CHUNKS> (&t)[NIN], int64_t col, int64_t step,
                  bool loaded, F&& f) {
-  using acc_t = at::opmath_type<in_t>;
+  using acc_t = compute_t<in_t>;
   const int64_t tile = step * CHUNKS;
   const bool keep = loaded && r.d <= tile;
 #pragma unroll 1
@@ -233,7 +233,7 @@ template <int VEC, int CHUNKS, typename in_t, int NIN, int NOUT, typename out_t,
           typename F>
 LFI_D void emit(const Ptrs& r, Tile<in_t, VEC, CHUNKS> (&t)[NIN], int64_t col, int64_t step,
                 F&& f) {
-  using acc_t = at::opmath_type<in_t>;
+  using acc_t = compute_t<in_t>;
   const int64_t tile = step * CHUNKS;
   const bool keep = r.d <= tile;
 #pragma unroll 1
@@ -321,7 +321,7 @@ LFI_D void gram_sums(const T (&v)[2], T (&s)[3]) {  // |x|^2, |y|^2, <x,y>
 // Binary ops, inputs (x, y) -> out = a x + b y.
 template <typename Op, typename scalar_t>
 struct BinaryFwd : RowPolicy<scalar_t, scalar_t, scalar_t, 2, 1> {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = compute_t<scalar_t>;
   static constexpr int kSums = 3, kSums2 = 0;
   struct Row {
     acc_t a, b;
@@ -340,7 +340,7 @@ struct BinaryFwd : RowPolicy<scalar_t, scalar_t, scalar_t, 2, 1> {
 // Binary ops' backward, inputs (g, x, y) -> (grad_x, grad_y), and each row's d/dc.
 template <typename Op, typename scalar_t>
 struct BinaryBwd : RowPolicy<scalar_t, scalar_t, scalar_t, 3, 2> {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = compute_t<scalar_t>;
   static constexpr int kSums = 5, kSums2 = 0;  // |x|^2, |y|^2, <x,y>, <g,x>, <g,y>
   acc_t* gc_rows = nullptr;
   using Row = hyp::BinaryBwd<acc_t>;
@@ -366,7 +366,7 @@ struct BinaryBwd : RowPolicy<scalar_t, scalar_t, scalar_t, 3, 2> {
 // Unary ops, input x -> out = f x, with an optional per-row scalar r (mobius_scalar_mul).
 template <typename Op, typename scalar_t>
 struct UnaryFwd : RowPolicy<scalar_t, scalar_t, scalar_t, 1, 1> {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = compute_t<scalar_t>;
   static constexpr int kSums = 1, kSums2 = 0;
   const scalar_t* r = nullptr;
   int64_t r_stride = 0;
@@ -384,7 +384,7 @@ struct UnaryFwd : RowPolicy<scalar_t, scalar_t, scalar_t, 1, 1> {
 // Unary ops' backward, inputs (g, x) -> grad_x, and each row's d/dc and d/dr.
 template <typename Op, typename scalar_t>
 struct UnaryBwd : RowPolicy<scalar_t, scalar_t, scalar_t, 2, 1> {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = compute_t<scalar_t>;
   static constexpr int kSums = 2, kSums2 = 0;  // |x|^2, <g,x>
   const scalar_t* r = nullptr;
   int64_t r_stride = 0;
@@ -412,7 +412,7 @@ struct UnaryBwd : RowPolicy<scalar_t, scalar_t, scalar_t, 2, 1> {
 // dist(x, y): s = sa x + sb y from the Gram entries, then |s|^2 from a second pass over the row.
 template <typename scalar_t>
 struct DistFwd : RowPolicy<scalar_t, scalar_t, scalar_t, 2, 0> {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = compute_t<scalar_t>;
   static constexpr int kSums = 3, kSums2 = 1;
   scalar_t* out = nullptr;  // one per row
   struct Row {
@@ -438,7 +438,7 @@ struct DistFwd : RowPolicy<scalar_t, scalar_t, scalar_t, 2, 0> {
 //   = 2 sa <s, dx> + 2 sb <s, dy> + 2 <s,x> dsa + 2 <s,y> dsb.
 template <typename scalar_t>
 struct DistBwd : RowPolicy<scalar_t, scalar_t, scalar_t, 2, 2> {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = compute_t<scalar_t>;
   using D4 = hyp::Dual<acc_t, 4>;
   using D2 = hyp::Dual<acc_t, 2>;
   static constexpr int kSums = 3, kSums2 = 3;  // then |s|^2, <s,x>, <s,y>
@@ -485,7 +485,7 @@ struct DistBwd : RowPolicy<scalar_t, scalar_t, scalar_t, 2, 2> {
 
 template <typename scalar_t>
 struct Dist0Fwd : RowPolicy<scalar_t, scalar_t, scalar_t, 1, 0> {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = compute_t<scalar_t>;
   static constexpr int kSums = 1, kSums2 = 0;
   scalar_t* out = nullptr;  // one per row
   struct Row {};
@@ -498,7 +498,7 @@ struct Dist0Fwd : RowPolicy<scalar_t, scalar_t, scalar_t, 1, 0> {
 
 template <typename scalar_t>
 struct Dist0Bwd : RowPolicy<scalar_t, scalar_t, scalar_t, 1, 1> {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = compute_t<scalar_t>;
   using D2 = hyp::Dual<acc_t, 2>;
   static constexpr int kSums = 1, kSums2 = 0;
   const scalar_t* grad = nullptr;  // one per row
@@ -520,8 +520,8 @@ struct Dist0Bwd : RowPolicy<scalar_t, scalar_t, scalar_t, 1, 1> {
 // and 0 where mx is all zeros (geoopt's torch.where). Segment a: x; segment b: mx.
 template <typename scalar_t>
 struct MatvecFwd
-    : RowPolicy<scalar_t, at::opmath_type<scalar_t>, scalar_t, 1, 0, 1, 1> {
-  using acc_t = at::opmath_type<scalar_t>;
+    : RowPolicy<scalar_t, compute_t<scalar_t>, scalar_t, 1, 0, 1, 1> {
+  using acc_t = compute_t<scalar_t>;
   static constexpr int kSums = 3, kSums2 = 0;  // |x|^2, |mx|^2, mx's nonzero count
   struct Row {
     acc_t f;
@@ -541,9 +541,9 @@ struct MatvecFwd
 // Its backward: segment a: x -> the direct part of grad_x; segment b: (mx, g) -> grad_mx.
 // grad_mx = f g + 2 L_m2 mx ; grad_x (direct) = 2 L_x2 x ; the caller adds grad_mx m.
 template <typename scalar_t>
-struct MatvecBwd : RowPolicy<scalar_t, at::opmath_type<scalar_t>, at::opmath_type<scalar_t>, 1,
+struct MatvecBwd : RowPolicy<scalar_t, compute_t<scalar_t>, compute_t<scalar_t>, 1,
                              1, 2, 1> {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = compute_t<scalar_t>;
   using D3 = hyp::Dual<acc_t, 3>;
   static constexpr int kSums = 4, kSums2 = 0;  // |x|^2, |mx|^2, <g,mx>, mx's nonzero count
   acc_t* gc_rows = nullptr;
@@ -587,12 +587,12 @@ LFI_HD T pair_dist(T x2, T y2, T xy, T c) {
 // Thread j of block (bx, by) owns column j, rows i = by, by + gridDim.y, ...
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlock)
-    pair_dist_fwd_kernel(const at::opmath_type<scalar_t>* __restrict__ x2,
-                         const at::opmath_type<scalar_t>* __restrict__ y2,
-                         const at::opmath_type<scalar_t>* __restrict__ xy,
+    pair_dist_fwd_kernel(const compute_t<scalar_t>* __restrict__ x2,
+                         const compute_t<scalar_t>* __restrict__ y2,
+                         const compute_t<scalar_t>* __restrict__ xy,
                          scalar_t* __restrict__ out, int64_t n, int64_t m,
-                         Curvature<at::opmath_type<scalar_t>> c) {
-  using acc_t = at::opmath_type<scalar_t>;
+                         Curvature<compute_t<scalar_t>> c) {
+  using acc_t = compute_t<scalar_t>;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x;
   if (j >= m) return;
   const acc_t cv = c.get(), y2j = y2[j];
@@ -614,15 +614,15 @@ constexpr int kPairRows = 16;
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlock)
     pair_dist_bwd_kernel(const scalar_t* __restrict__ grad,
-                         const at::opmath_type<scalar_t>* __restrict__ x2,
-                         const at::opmath_type<scalar_t>* __restrict__ y2,
-                         const at::opmath_type<scalar_t>* __restrict__ xy,
-                         at::opmath_type<scalar_t>* __restrict__ gxy,
-                         at::opmath_type<scalar_t>* __restrict__ gx2_part,  // (gridDim.y, n)
-                         at::opmath_type<scalar_t>* __restrict__ gy2_part,  // (gridDim.x, m)
-                         at::opmath_type<scalar_t>* __restrict__ gc_part,   // (gridDim.x * y)
-                         int64_t n, int64_t m, Curvature<at::opmath_type<scalar_t>> c) {
-  using acc_t = at::opmath_type<scalar_t>;
+                         const compute_t<scalar_t>* __restrict__ x2,
+                         const compute_t<scalar_t>* __restrict__ y2,
+                         const compute_t<scalar_t>* __restrict__ xy,
+                         compute_t<scalar_t>* __restrict__ gxy,
+                         compute_t<scalar_t>* __restrict__ gx2_part,  // (gridDim.y, n)
+                         compute_t<scalar_t>* __restrict__ gy2_part,  // (gridDim.x, m)
+                         compute_t<scalar_t>* __restrict__ gc_part,   // (gridDim.x * y)
+                         int64_t n, int64_t m, Curvature<compute_t<scalar_t>> c) {
+  using acc_t = compute_t<scalar_t>;
   using D = hyp::Dual<acc_t, 4>;
   constexpr int kWarps = kBlock / 32;
   __shared__ acc_t gx2_slot[kPairRows][kBlock];
@@ -714,7 +714,7 @@ CurvatureArg curvature(const Tensor& c, const Tensor& x) {
   TORCH_CHECK(c.is_cpu() || c.device() == x.device(), "c must be on the CPU or on ", x.device(),
               " (got ", c.device(), ")");
   if (c.is_cpu()) return {Tensor(), c.item<double>()};
-  return {c.to(at::toOpMathType(x.scalar_type())), 0.0};
+  return {c.to(compute_type(x.scalar_type())), 0.0};
 }
 
 // The gradient of c from its per-row (or per-block) contributions, in c's dtype and device.
@@ -725,7 +725,7 @@ Tensor grad_c(const Tensor& parts, const Tensor& c, bool needs_grad_c) {
 
 Tensor gc_buffer(int64_t n, const Tensor& x, bool needs_grad_c) {
   if (!needs_grad_c) return Tensor();
-  return at::empty({n}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  return at::empty({n}, x.options().dtype(compute_type(x.scalar_type())));
 }
 
 template <typename T>
@@ -807,7 +807,7 @@ template <typename P, typename scalar_t = typename P::scalar_t>
 P make_policy(int64_t d, const CurvatureArg& c, bool project) {
   P p;
   p.a.d = d;
-  p.c = c.get<at::opmath_type<scalar_t>>();
+  p.c = c.get<compute_t<scalar_t>>();
   p.project = project;
   return p;
 }
@@ -834,7 +834,7 @@ void binary_bwd_launch(const RowView& gv, const RowView& xv, const RowView& yv, 
   set_in(p.a, 2, yv);
   set_out(p.a, 0, gx);
   set_out(p.a, 1, gy);
-  p.gc_rows = ptr_or_null<at::opmath_type<scalar_t>>(gc_rows);
+  p.gc_rows = ptr_or_null<compute_t<scalar_t>>(gc_rows);
   launch_rows(p, gx.numel() / d);
 }
 
@@ -912,7 +912,7 @@ void unary_bwd_launch(const RowView& gv, const RowView& xv, const RowScalar& rv,
   p.r = rv.t.defined() ? rv.t.const_data_ptr<scalar_t>() : nullptr;
   p.r_stride = rv.stride;
   p.gr = ptr_or_null<scalar_t>(gr);
-  p.gc_rows = ptr_or_null<at::opmath_type<scalar_t>>(gc_rows);
+  p.gc_rows = ptr_or_null<compute_t<scalar_t>>(gc_rows);
   launch_rows(p, gx.numel() / d);
 }
 
@@ -1001,7 +1001,7 @@ void dist_bwd_launch(const Tensor& g, const RowView& xv, const RowView& yv, Tens
   set_out(p.a, 0, gx);
   set_out(p.a, 1, gy);
   p.grad = g.const_data_ptr<scalar_t>();
-  p.gc_rows = ptr_or_null<at::opmath_type<scalar_t>>(gc_rows);
+  p.gc_rows = ptr_or_null<compute_t<scalar_t>>(gc_rows);
   launch_rows(p, g.numel());
 }
 
@@ -1020,7 +1020,7 @@ void dist0_bwd_launch(const Tensor& g, const RowView& xv, Tensor& gx, Tensor& gc
   set_in(p.a, 0, xv);
   set_out(p.a, 0, gx);
   p.grad = g.const_data_ptr<scalar_t>();
-  p.gc_rows = ptr_or_null<at::opmath_type<scalar_t>>(gc_rows);
+  p.gc_rows = ptr_or_null<compute_t<scalar_t>>(gc_rows);
   launch_rows(p, g.numel());
 }
 
@@ -1034,7 +1034,7 @@ void check_matrix_pair(const Tensor& x, const Tensor& y) {
 
 // Row squared norms and the Gram matrix in the compute type.
 std::tuple<Tensor, Tensor, Tensor> gram(const Tensor& x, const Tensor& y) {
-  const auto acc = at::toOpMathType(x.scalar_type());
+  const auto acc = compute_type(x.scalar_type());
   const Tensor xa = x.to(acc), ya = y.to(acc);
   return {xa.square().sum(-1).contiguous(), ya.square().sum(-1).contiguous(),
           at::matmul(xa, ya.t()).contiguous()};
@@ -1043,7 +1043,7 @@ std::tuple<Tensor, Tensor, Tensor> gram(const Tensor& x, const Tensor& y) {
 template <typename scalar_t>
 void pair_dist_fwd_launch(const Tensor& x2, const Tensor& y2, const Tensor& xy, Tensor& out,
                           const CurvatureArg& c) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = compute_t<scalar_t>;
   const int64_t n = out.size(0), m = out.size(1);
   const dim3 grid(static_cast<unsigned>((m + kBlock - 1) / kBlock),
                   static_cast<unsigned>(std::min<int64_t>(n, 65535)));
@@ -1057,7 +1057,7 @@ template <typename scalar_t>
 void pair_dist_bwd_launch(const Tensor& g, const Tensor& x2, const Tensor& y2, const Tensor& xy,
                           Tensor& gxy, Tensor& gx2_part, Tensor& gy2_part, Tensor& gc_part,
                           const CurvatureArg& c) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = compute_t<scalar_t>;
   const int64_t n = gxy.size(0), m = gxy.size(1);
   const dim3 grid(static_cast<unsigned>(gy2_part.size(0)), static_cast<unsigned>(gx2_part.size(0)));
   pair_dist_bwd_kernel<scalar_t><<<grid, kBlock, 0, stream()>>>(
@@ -1090,14 +1090,14 @@ void matvec_bwd_launch(const Tensor& x2d, const Tensor& mx, const Tensor& g, Ten
   set_in(p.b, 0, mx, mx.size(1));
   set_in(p.b, 1, g, g.size(1));
   set_out(p.b, 0, gmx);
-  p.gc_rows = ptr_or_null<at::opmath_type<scalar_t>>(gc_rows);
+  p.gc_rows = ptr_or_null<compute_t<scalar_t>>(gc_rows);
   launch_rows(p, x2d.size(0));
 }
 
 // x as (rows, in) in the compute type, contiguous.
 Tensor matvec_rows(const Tensor& x) {
   const int64_t n = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
-  return x.reshape({n, x.size(-1)}).to(at::toOpMathType(x.scalar_type())).contiguous();
+  return x.reshape({n, x.size(-1)}).to(compute_type(x.scalar_type())).contiguous();
 }
 
 void check_matvec(const Tensor& m, const Tensor& x) {

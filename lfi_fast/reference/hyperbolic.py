@@ -44,8 +44,9 @@ def _tanh(x):
 
 
 def _artanh(x):
+    # geoopt's clamp; log1p instead of geoopt's log(1 + x), which loses a tiny x's digits
     x = x.clamp(-1 + 1e-7, 1 - 1e-7)
-    return 0.5 * (torch.log(1 + x) - torch.log(1 - x))
+    return 0.5 * (torch.log1p(x) - torch.log1p(-x))
 
 
 def _small_c(c: torch.Tensor) -> bool:
