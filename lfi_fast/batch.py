@@ -165,8 +165,21 @@ def read_manifest(out_dir: str | os.PathLike) -> list[dict]:
 def _append_manifest(out_dir: Path, entry: dict) -> None:
     line = (json.dumps(entry, sort_keys=True) + "\n").encode()
     with _flock(out_dir / _LOCK):
-        fd = os.open(out_dir / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(out_dir / MANIFEST, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                # a torn last line (a kill during an append): cut it, or this line would join it
+                tail = 0
+                while tail < size:  # find the last newline, reading backwards
+                    step = min(1 << 16, size - tail)
+                    block = os.pread(fd, step, size - tail - step)
+                    k = block.rfind(b"\n")
+                    if k >= 0:
+                        tail += step - k - 1
+                        break
+                    tail += step
+                os.ftruncate(fd, size - tail)
             os.write(fd, line)
             os.fsync(fd)
         finally:

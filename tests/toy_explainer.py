@@ -137,3 +137,17 @@ class ToyExplainer(Explainer):
         fig.savefig(path, dpi=60)
         plt.close(fig)
         return [path]
+
+
+def linear_classifier() -> nn.Module:
+    """A user's own network for 8 x 8 images, as `--model toy_explainer:linear_classifier` names it."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+
+class Payload:
+    """An object a weights file must not be able to smuggle in: unpickling it would flip the flag."""
+
+    unpickled = False
+
+    def __setstate__(self, state):
+        Payload.unpickled = True
