@@ -150,15 +150,17 @@ def train_method(
 
     module = batch.method_module(method, method_modules)
     cls = batch.explainer_class(module)
-    torch.manual_seed(seed)
-    train_ds = load_data(data, "train", data_dir, limit, image_size)
-    test_ds = load_data(data, "test", data_dir, limit, image_size)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     ov = dict(overrides or {})
     unknown = sorted(set(ov) - fields)
     if unknown:
         raise UsageError(f"--set: {cls.Config.__name__} has no field {', '.join(unknown)} "
                          f"(its fields: {', '.join(sorted(fields))})")
+    if weights and not model:
+        raise UsageError("--weights needs --model (the network they belong to)")
+    torch.manual_seed(seed)
+    train_ds = load_data(data, "train", data_dir, limit, image_size)
+    test_ds = load_data(data, "test", data_dir, limit, image_size)
     x = train_ds.tensors[0]
     shape = {"image_size": x.shape[-1], "in_channels": x.shape[1], "channels": x.shape[1],
              "num_classes": num_classes(train_ds)}
@@ -175,8 +177,6 @@ def train_method(
         classifier = build_model(model)
         if weights:
             batch.load_weights(classifier, weights)
-    elif weights:
-        raise UsageError("--weights needs --model (the network they belong to)")
     config = module.default_config(data if data in DATASETS else "mnist", **ov)
     explainer = cls(config, classifier) if classifier is not None else cls(config)
     explainer.to(device)
@@ -261,6 +261,11 @@ def explain_method(
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from . import batch
+
+    saved = batch.read_checkpoint_method(args.checkpoint)
+    if saved != args.method:
+        raise UsageError(f"--checkpoint {args.checkpoint} holds a {saved!r} explainer, not {args.method!r}")
     _method(args)
     res = explain_method(
         args.method, args.checkpoint, args.data, args.out, split=args.split,

@@ -73,8 +73,10 @@ class ToyExplainer(Explainer):
         self.register_buffer("classifier_ready", torch.tensor(classifier is not None))
 
     def fit(self, train_loader, epochs=None, *, progress=True) -> dict:
-        opt = torch.optim.SGD(self.classifier.parameters(), lr=self.config.lr)
         history = {"loss": []}
+        if bool(self.classifier_ready):  # a classifier given (frozen): nothing to train
+            return history
+        opt = torch.optim.Adam(self.classifier.parameters(), lr=self.config.lr)
         for epoch in range(epochs or self.config.epochs):
             total = n = 0
             for x, y in progress_bar(train_loader, desc="toy", disable=not progress):
