@@ -255,7 +255,7 @@ def run_demo(args: argparse.Namespace) -> int:
         _save(out, doc)
     if not args.no_kernels:
         try:
-            doc["kernels"] = kernel_timings(device="cuda" if device.type == "cuda" else "cpu",
+            doc["kernels"] = kernel_timings(reps=3, device="cuda" if device.type == "cuda" else "cpu",
                                             seed=args.seed)
             (out / "kernels.json").write_text(json.dumps(doc["kernels"], indent=2) + "\n")
         except Exception as e:
