@@ -17,7 +17,7 @@ The output folder (DESIGN.md, "Batch outputs"):
 
 How it stays correct when killed, resumed, or run on many processes:
 
-- A shard is serialised in memory, hashed, written to `.shard-….tmp`, fsync'd and renamed; only then
+- A shard is serialised in memory, hashed, written to `.shard-….PID.tmp`, fsync'd and renamed; only then
   is its manifest line appended (under an flock, one write). A kill leaves at worst a temporary file
   or a renamed shard without its line: both are deleted on the next run, which redoes that batch.
 - A rerun reads the manifest, re-hashes every listed shard that can hold indices of its slice, and
@@ -30,6 +30,9 @@ How it stays correct when killed, resumed, or run on many processes:
   indices torch's DistributedSampler(shuffle=False) gives it, its wrap-around padding removed.
   Each rank writes its own shards; rank 0 merges after a barrier (gloo: synchronisation only).
 - One process per (DIR, rank) at a time: a per-rank lock file refuses a second one.
+- On several nodes, DIR must be on a file system every node sees (rank 0 reads all shards to
+  merge); ranks append to the manifest under an flock (NFSv4 and the usual cluster file systems
+  support it).
 
 The machinery is method-agnostic: it calls `explainer.explain(inputs, target, seed=, index=)` on
 any lfi_fast.explain.base.Explainer and stores `Explanation.tensors()` and `records()`.
@@ -48,7 +51,7 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -107,7 +110,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside `path`, fsync, rename: readers see all of it or nothing."""
+    """Write to a temporary name beside `path` (.NAME.PID.tmp), fsync, rename: readers see all of
+    it or nothing, and a process killed half-way leaves only the temporary file."""
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)
@@ -234,25 +238,18 @@ def write_shard(out_dir: str | os.PathLike, rank: int, seq: int, tensors: dict[s
     if records is not None:
         if len(records) != n:
             raise ValueError(f"records() returned {len(records)} rows for a batch of {n}")
-        meta["records"] = "\n".join(json.dumps(r, sort_keys=True) for r in records)
+        try:
+            meta["records"] = "\n".join(json.dumps(r, sort_keys=True) for r in records)
+        except TypeError as e:
+            raise TypeError(f"records() must return JSON-able dicts ({e})") from None
     data = save(payload, metadata=meta)
     name = shard_name(rank, seq)
-    _atomic_write_named(out_dir, name, data)
+    _atomic_write(out_dir / name, data)
     entry = {"shard": name, "rank": rank, "count": n,
              "first": int(index.min()) if n else -1, "last": int(index.max()) if n else -1,
              "sha256": hashlib.sha256(data).hexdigest()}
     _append_manifest(out_dir, entry)
     return entry
-
-
-def _atomic_write_named(out_dir: Path, name: str, data: bytes) -> None:
-    tmp = out_dir / f".{name}.tmp"  # .shard-RRRRR-SSSSSS.safetensors.tmp: the rank's own name
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_dir / name)
-    _fsync_dir(out_dir)
 
 
 def verify_shard(out_dir: str | os.PathLike, entry: dict) -> bool:
@@ -445,13 +442,14 @@ def explain_dataset(
         todo = [i for i in wanted if i not in covered]
         batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
         loader = torch.utils.data.DataLoader(_Indexed(dataset), batch_sampler=batches,
-                                             num_workers=num_workers)
+                                             num_workers=num_workers,
+                                             pin_memory=device.type == "cuda")
         explainer.eval()
         shards = 0
         bar = progress_bar(loader, desc=f"explain (rank {rank})" if world_size > 1 else "explain",
                            total=len(batches), disable=not progress)
         for idx, x, *rest in bar:
-            x = x.to(device)
+            x = x.to(device, non_blocking=True)
             tgt = rest[0].to(device) if target == "label" and rest else None
             if target == "label" and not rest:
                 raise ValueError("target='label' needs a data set of (image, label) items")
@@ -696,9 +694,3 @@ def weights_sha256(checkpoint: str | os.PathLike) -> str:
     from .explain.base import WEIGHTS_FILE
 
     return file_sha256(Path(checkpoint) / WEIGHTS_FILE)
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0

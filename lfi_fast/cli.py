@@ -245,7 +245,7 @@ def explain_method(
             image_size = getattr(explainer.config, "image_size", None) if data == "digits" else None
         ds = load_data(data, split, data_dir, limit, image_size)
         run_info = {"method": method, "data": _data_id(data), "split": split, "limit": limit,
-                    "image_size": image_size, "device": str(dev)}
+                    "image_size": image_size, "device": dev.type}
         if checkpoint is not None:
             run_info["checkpoint"] = str(Path(checkpoint).resolve())
             run_info["checkpoint_sha256"] = batch.weights_sha256(checkpoint)

@@ -172,7 +172,7 @@ def test_resume_redoes_only_what_is_missing(tmp_path, toy, digits, reference):
     # as if killed: the last shard renamed but its line not appended, the one before half-written
     manifest.write_text("".join(lines[:-2]))
     orphan = tmp_path / json.loads(lines[-1])["shard"]
-    (tmp_path / ".shard-00000-000099.safetensors.tmp").write_bytes(b"partial")
+    (tmp_path / ".shard-00000-000099.safetensors.4242.tmp").write_bytes(b"partial")
     s = _run(toy, digits, tmp_path, batch_size=25, seed=3)  # another batch size: same results
     assert s.resumed == len(digits) - 80 and s.explained == 80 and s.shards_written == 4
     assert not orphan.exists() and not list(tmp_path.glob(".*.tmp"))
