@@ -328,7 +328,6 @@ def _prepare_run(out_dir: Path, run_info: dict, rank: int) -> None:
     if any(out_dir.glob("shard-*.safetensors")) or (out_dir / MANIFEST).is_file():
         raise BatchError(f"{out_dir} has shards but no {RUN_FILE}: not a batch output folder this "
                          "run can resume; use another output folder")
-    # every rank may get here at once: each writes the same content atomically
     _atomic_write(path, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
 
 
@@ -437,7 +436,8 @@ def explain_dataset(
             "shard_mode": shard_mode, "batch_size": batch_size, **(run_info or {})}
     wanted = rank_indices(n, rank, world_size, shard_mode, drop_padding)
     with _flock(out_dir / f".rank-{rank:05d}.lock", blocking=False):
-        _prepare_run(out_dir, info, rank)
+        with _flock(out_dir / _LOCK):  # ranks starting together: one checks and writes at a time
+            _prepare_run(out_dir, info, rank)
         covered, seq, corrupted = _scan(out_dir, rank, wanted)
         todo = [i for i in wanted if i not in covered]
         batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
