@@ -1,13 +1,14 @@
 # lfi_fast: the two commands a new machine needs are `make demo` and `make test`.
 #
-#   make demo          set up, build, and run the demo (DATA=digits by default)
+#   make demo          set up, build, train the four methods on DATA (digits; mnist: ../shared/data),
+#                      explain its test split in batches, report in DEMO_OUT (demo-out/index.html)
 #   make test          set up a venv (torch 2.13 CPU wheel), build, run the whole test suite
 #   make check-cuda    compile and link the CUDA kernels against torch 2.14.1 (CUDA 13), import the .so
 #   make bench         run the benchmark suite on this machine: CSV of record, plots, BENCHMARKS.md
 #   make check-install build an sdist, a wheel from it, and check the installed wheel works
 #   make clean
 #
-# Variables: PYTHON (interpreter for the venvs), VENV (default .venv), DATA, JOBS.
+# Variables: PYTHON (interpreter for the venvs), VENV (default .venv), DATA, DEMO_OUT, JOBS.
 
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -50,8 +51,9 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 install: $(VENV)/.built
 
 # ---- the two front-door commands -----------------------------------------------------------------
+DEMO_OUT ?= demo-out
 demo: install
-	$(PY) -m lfi_fast.cli demo --data $(DATA)
+	$(PY) -m lfi_fast.cli demo --data $(DATA) --out $(DEMO_OUT)
 
 # pytest exits 5 when it collected no test: make treats that, like any non-zero code, as failure.
 test: install
