@@ -265,7 +265,7 @@ def second_opinion(name, oracle_name, dtype, *, dim=-1, project=True):
     Each evaluation solves the problem rescaled by RESCALE**k, which rounds every intermediate
     differently; in each output row the one farthest from the oracle counts (one may be lucky).
 
-    float64: the oracle itself, k = 1..4. Where they disagree, the formulas' own rounding decides,
+    float64: the oracle itself, k = 1..4 (for geoopt, lfi_fast's reference too). Where they disagree, the formulas' own rounding decides,
     which perturbing the inputs does not show when the function is insensitive to a quantity that
     the formulas compute with cancellation (lambda_x times 1 - c|x|^2 next to the boundary,
     1 - tanh^2 times artanh' near saturation).
@@ -277,6 +277,8 @@ def second_opinion(name, oracle_name, dtype, *, dim=-1, project=True):
     oracle = ORACLES[oracle_name]
     if dtype == F64:
         evals = [_rescaled(oracle, name, k, dtype=dtype, **kw) for k in range(1, 5)]
+        if oracle_name == "geoopt":  # a second float64 implementation of the same formulas
+            evals.append(_rescaled(ORACLES["reference"], name, 0, dtype=dtype, **kw))
     else:
         lowp = lambda n, *t, c, **k2: reference_lowp(n, *t, c=c, **k2)  # noqa: E731
         evals = [_rescaled(lowp, name, k, **kw) for k in range(8)]
@@ -503,7 +505,17 @@ def check_against_oracles(backend, name, tensors, c, *, dtype, project=True, ora
             what=f"{name} on {backend} vs {oracle_name}: {what}",
             lowp_ref_fn=second_opinion(name, oracle_name, dtype, dim=dim, project=project),
             sum_floor=True,
+            tol=_tol(backend, oracle_name, dtype),
         )
+
+
+def _tol(backend, oracle_name, dtype):
+    """The Triton kernels compute tanh and log1p from exp and log (no libdevice under the
+    interpreter): a few ulps in float64, which the gradients of boundary rows amplify. Against the
+    reference they hold 1e-10; against geoopt, whose rounding is libm's, 5e-9."""
+    if backend == "triton" and oracle_name == "geoopt" and dtype == F64:
+        return 5e-9
+    return None
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
