@@ -8,6 +8,8 @@ returned indices.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import DEVICES, backends_for, device_backend_params, require_backend
@@ -45,7 +47,8 @@ def check_nearest(idx, d, x, cb, metric, k, c=1.0, dtype=None):
     if x2.shape[0] == 0:
         return
     assert int(idx2.min()) >= 0 and int(idx2.max()) < cb.shape[0]
-    P = ref.pairwise(x2, cb2, metric, c)
+    rows = max(1, (1 << 22) // (cb2.shape[0] * max(cb2.shape[1], 1)))  # bounded (rows, K, D) blocks
+    P = torch.cat([ref.pairwise(x2[s : s + rows], cb2, metric, c) for s in range(0, x2.shape[0], rows)])
     best = P.sort(dim=1).values[:, :k]
     chosen = P.gather(1, idx2)
     if metric == "l2":  # the score |c|^2 - 2<x, c> loses eps (|x|^2 + |c|^2)
@@ -332,3 +335,134 @@ def test_opcheck(device, suffix, gen):
         torch.library.opcheck(getattr(ops, "vq_ema_update" + suffix).default,
                               (x.to(acc), idx, torch.rand(7, dtype=acc, device=device),
                                torch.randn(7, 4, dtype=acc, device=device), 0.9, 1e-5))
+
+
+# ---- torch.compile -------------------------------------------------------------------------------
+
+
+def _compile_params():
+    return [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in backends_for(d)
+            if b != "triton" or d == "cuda"]
+
+
+@pytest.mark.parametrize("device,backend", _compile_params())
+def test_compile(device, backend, gen):
+    torch._dynamo.reset()
+    x, cb = make(20, 9, 4, "l2", gen, torch.float32, device)
+    x.requires_grad_()
+    cbp = cb.clone().requires_grad_()
+
+    def f(x, cb):
+        idx, d = vq.nearest(x, cb, "cosine", k=2)
+        q, qi, loss = vq.quantize(x, cb, 0.25)
+        return idx, d, q, qi, loss
+
+    with lfi_fast.use_backend(backend):
+        eager = f(x, cbp)
+        compiled = torch.compile(f, fullgraph=True)(x, cbp)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e)
+    compiled[-1].backward()
+    assert cbp.grad is not None and x.grad is not None
+
+
+# ---- determinism ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params("vq", "vq_quantize_backward"))
+def test_codebook_grad_deterministic(device, backend, gen):
+    """Under torch.use_deterministic_algorithms(True) the codebook gradient and the EMA update are
+    bitwise reproducible (sort-based on the GPU, counting sort on the CPU)."""
+    x, cb = make(3000, 7, 5, "l2", gen, torch.float32, device)
+    idx = torch.randint(0, 7, (3000,), generator=gen).to(device)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        outs = []
+        with _use(backend, "vq_quantize_backward"):
+            for _ in range(2):
+                cbr = cb.clone().requires_grad_()
+                _, loss = vq_ops.call("vq_quantize", x, cbr, idx, 0.25)
+                loss.backward()
+                ema = vq.ema_update(x, idx, torch.ones(7, device=device), cb.clone(), 0.9)
+                outs.append((cbr.grad, *ema))
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+# ---- memory: no N x K matrix ---------------------------------------------------------------------
+
+
+def _peak_rss_reset() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+@pytest.mark.skipif("cpp" not in backends_for("cpu"), reason="the cpp backend is not built")
+def test_memory_large_codebook(gen):
+    """N = 200,000 rows against K = 32,768 codes of D = 16 on the cpp backend: an N x K float32
+    matrix would take 26 GB; the peak extra resident memory of the search must stay tiny."""
+    if not _peak_rss_reset():
+        pytest.skip("cannot reset the peak RSS (/proc/self/clear_refs)")
+    n, kk, d = 200_000, 32_768, 16
+    x = torch.randn(n, d, generator=gen)
+    cb = torch.randn(kk, d, generator=gen)
+    torch.ones(1)  # warm the allocator before measuring
+    _peak_rss_reset()
+    before = _status_kb("VmRSS")
+    with lfi_fast.use_backend("cpp"):
+        idx, dist = vq.nearest(x, cb)
+    extra_mb = (_status_kb("VmHWM") - before) / 1024
+    nk_mb = n * kk * 4 / 2**20
+    print(f"peak extra memory {extra_mb:.1f} MB; an N x K float32 matrix: {nk_mb:.0f} MB")
+    assert extra_mb < 256, f"the search used {extra_mb:.0f} MB extra (N x K would be {nk_mb:.0f} MB)"
+    rows = torch.randint(0, n, (256,), generator=gen)  # checked against the float64 brute force
+    check_nearest(idx[rows], dist[rows], x[rows], cb, "l2", 1)
+
+
+# ---- fuzz ----------------------------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from fuzz import LAYOUTS, fuzz_settings, with_layout  # noqa: E402
+
+
+@settings(**fuzz_settings(40))
+@given(
+    n=st.integers(0, 40), kk=st.integers(1, 40), d=st.integers(1, 20), k=st.integers(1, 6),
+    metric=st.sampled_from(METRICS), dtype=st.sampled_from([torch.float64, torch.float32,
+                                                           torch.bfloat16]),
+    layout=st.sampled_from(LAYOUTS), scale=st.sampled_from([1e-6, 1.0, 1e3]),
+    lead=st.sampled_from([(), (2,), (1, 3)]), seed=st.integers(0, 2**31 - 1),
+)
+def test_fuzz_nearest(n, kk, d, k, metric, dtype, layout, scale, lead, seed):
+    """Random shapes, dtypes, scales and layouts on every CPU backend but the interpreted Triton
+    (too slow here; it has its own parity tests): the search rule holds, or k > K is an error
+    naming k."""
+    gen = torch.Generator().manual_seed(seed)
+    s = scale if metric != "poincare" else 1.0
+    x, cb = make(n * math.prod(lead), kk, d, metric, gen, dtype, "cpu", s)
+    x = with_layout(x.reshape(*lead, n, d) if lead else x.reshape(-1, d), layout, -1)
+    for backend in [b for b in backends_for("cpu") if b != "triton"]:
+        with lfi_fast.use_backend(backend):
+            if k > kk:
+                with pytest.raises(ValueError, match="k must be"):
+                    vq.nearest(x, cb, metric, k=k)
+                continue
+            idx, dist = vq.nearest(x, cb, metric, k=k)
+        assert idx.shape == x.shape[:-1] + ((k,) if k > 1 else ())
+        check_nearest(idx, dist, x, cb, metric, k)
