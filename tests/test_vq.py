@@ -341,8 +341,9 @@ def test_opcheck(device, suffix, gen):
 
 
 def _compile_params():
+    # the compiled backends (the torch backend traces the reference: slow, and not what ships)
     return [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in backends_for(d)
-            if b != "triton" or d == "cuda"]
+            if b in ("cpp", "cuda") or (b == "triton" and d == "cuda")]
 
 
 @pytest.mark.parametrize("device,backend", _compile_params())
@@ -376,8 +377,9 @@ def test_compile(device, backend, gen):
 def test_codebook_grad_deterministic(device, backend, gen):
     """Under torch.use_deterministic_algorithms(True) the codebook gradient and the EMA update are
     bitwise reproducible (sort-based on the GPU, counting sort on the CPU)."""
-    x, cb = make(3000, 7, 5, "l2", gen, torch.float32, device)
-    idx = torch.randint(0, 7, (3000,), generator=gen).to(device)
+    n = 600 if backend == "triton" and device == "cpu" else 3000  # the interpreter loops per row
+    x, cb = make(n, 7, 5, "l2", gen, torch.float32, device)
+    idx = torch.randint(0, 7, (n,), generator=gen).to(device)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:

@@ -7,8 +7,8 @@
 //   poincare  w = -2 s c, bias = s |c|^2, scale = s,  s = 1 / (1 - c_curv |c|^2)
 // Rows are cut into tiles of kTileRows (OpenMP over tiles); for each tile, the codebook is walked in
 // tiles of kTileCodes: one GEMM through ATen (single-threaded inside the parallel region) writes the
-// tile's <x, w> into a per-thread buffer that stays in L2, and the running minimum (or top-k) of each
-// row is updated from it while it is in cache. The distances of the chosen codes are then computed
+// tile's scores (bias and scale folded in as extra coordinates) into a per-thread buffer that stays
+// in L2, and the running minimum (or top-k) of each row is updated from it while it is in cache. The distances of the chosen codes are then computed
 // directly (no cancellation), in double, and the k codes re-sorted by them.
 //
 // The codebook gradient and the EMA update reduce rows per code after a counting sort of the
@@ -72,8 +72,9 @@ void check_indices(const Tensor& idx, int64_t n, int64_t kk) {
 
 // ---- the fused scan: running minimum / top-k of a row over one code tile ------------------------
 //
-// GCC vector extensions, compiled for AVX-512, AVX2 and the baseline and chosen at run time: the
-// scan is the only part the GEMM does not cover, and it must keep up with it.
+// The GEMM already adds the per-code bias (and |x|^2 scale): the rows are augmented with a 1 (and
+// |x|^2), the codes with their bias (and scale), so the scan only reads scores. GCC vector
+// extensions, compiled for AVX-512, AVX2 and the baseline and chosen at run time.
 
 template <typename T, int VB>
 struct VecOf {
@@ -81,59 +82,50 @@ struct VecOf {
   static constexpr int n = VB / static_cast<int>(sizeof(T));
 };
 
-// The minimum of s_j = buf_j + bias_j (+ xn scale_j) over j in [0, n), and its first position.
+// k = 1: if min(s[0, n)) < thr, its first position and value; else pos = -1. The minimum is one
+// vector min per W scores; its position is searched only when it improves the row's best, which
+// after the first tiles is rare.
 template <typename T, int VB>
-__attribute__((always_inline)) inline void scan_min_impl(const T* __restrict__ buf,
-                                                         const T* __restrict__ bias,
-                                                         const T* __restrict__ scale, T xn,
-                                                         int64_t n, T& best, int64_t& pos) {
+__attribute__((always_inline)) inline void scan_min_impl(const T* __restrict__ s, int64_t n, T thr,
+                                                         T& best, int64_t& pos) {
   using V = typename VecOf<T, VB>::type;
   constexpr int W = VecOf<T, VB>::n;
   using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
   typedef I VI __attribute__((vector_size(VB)));
-  T b = std::numeric_limits<T>::infinity();
-  int64_t p = 0;
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  T m = inf;
   int64_t j = 0;
   if (n >= W) {
-    V vmin, vxn;
-    VI vpos, cur;
-    for (int l = 0; l < W; ++l) {
-      vmin[l] = std::numeric_limits<T>::infinity();
-      vpos[l] = 0;
-      cur[l] = l;
-      vxn[l] = xn;
-    }
+    V vmin;
+    for (int l = 0; l < W; ++l) vmin[l] = inf;
     for (; j + W <= n; j += W) {
-      V v, bb;
-      std::memcpy(&v, buf + j, sizeof(V));
-      std::memcpy(&bb, bias + j, sizeof(V));
-      v += bb;
-      if (scale) {
-        V sc;
-        std::memcpy(&sc, scale + j, sizeof(V));
-        v += vxn * sc;
-      }
-      const VI lt = v < vmin;
-      vmin = lt ? v : vmin;
-      vpos = lt ? cur : vpos;
-      cur += W;
+      V v;
+      std::memcpy(&v, s + j, sizeof(V));
+      vmin = v < vmin ? v : vmin;
     }
-    for (int l = 0; l < W; ++l) {
-      if (vmin[l] < b || (vmin[l] == b && vpos[l] < p)) {
-        b = vmin[l];
-        p = vpos[l];
-      }
-    }
+    for (int l = 0; l < W; ++l) m = vmin[l] < m ? vmin[l] : m;
+  }
+  for (; j < n; ++j) m = s[j] < m ? s[j] : m;
+  pos = -1;
+  if (!(m < thr)) return;
+  best = m;
+  j = 0;
+  V vm;
+  for (int l = 0; l < W; ++l) vm[l] = m;
+  for (; j + W <= n; j += W) {
+    V v;
+    std::memcpy(&v, s + j, sizeof(V));
+    const VI eq = v == vm;
+    bool any = false;
+    for (int l = 0; l < W; ++l) any |= eq[l] != 0;
+    if (any) break;
   }
   for (; j < n; ++j) {
-    const T v = buf[j] + bias[j] + (scale ? xn * scale[j] : T(0));
-    if (v < b) {
-      b = v;
-      p = j;
+    if (s[j] == m) {
+      pos = j;
+      return;
     }
   }
-  best = b;
-  pos = p;
 }
 
 // Top-k: the k best (score, index) of a row so far, sorted ascending (ties: lower index first).
@@ -163,30 +155,17 @@ struct TopK {
 };
 
 template <typename T, int VB>
-__attribute__((always_inline)) inline void scan_topk_impl(const T* __restrict__ buf,
-                                                          const T* __restrict__ bias,
-                                                          const T* __restrict__ scale, T xn,
-                                                          int64_t n, int64_t j0, TopK<T>& top) {
+__attribute__((always_inline)) inline void scan_topk_impl(const T* __restrict__ s, int64_t n,
+                                                          int64_t j0, TopK<T>& top) {
   using V = typename VecOf<T, VB>::type;
   constexpr int W = VecOf<T, VB>::n;
   using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
   typedef I VI __attribute__((vector_size(VB)));
-  auto score = [&](int64_t j) { return buf[j] + bias[j] + (scale ? xn * scale[j] : T(0)); };
   int64_t j = 0;
-  for (; j < n && top.filled < top.k; ++j) top.insert(score(j), j0 + j);
-  V vxn;
-  for (int l = 0; l < W; ++l) vxn[l] = xn;
+  for (; j < n && top.filled < top.k; ++j) top.insert(s[j], j0 + j);
   for (; j + W <= n; j += W) {
-    V v, bb;
-    std::memcpy(&v, buf + j, sizeof(V));
-    std::memcpy(&bb, bias + j, sizeof(V));
-    v += bb;
-    if (scale) {
-      V sc;
-      std::memcpy(&sc, scale + j, sizeof(V));
-      v += vxn * sc;
-    }
-    V thr;
+    V v, thr;
+    std::memcpy(&v, s + j, sizeof(V));
     const T t = top.val[top.k - 1];
     for (int l = 0; l < W; ++l) thr[l] = t;
     const VI lt = v < thr;
@@ -198,21 +177,18 @@ __attribute__((always_inline)) inline void scan_topk_impl(const T* __restrict__ 
     }
   }
   for (; j < n; ++j) {
-    const T v = score(j);
-    if (v < top.val[top.k - 1]) top.insert(v, j0 + j);
+    if (s[j] < top.val[top.k - 1]) top.insert(s[j], j0 + j);
   }
 }
 
 #define LFI_VQ_SCAN_VARIANT(NAME, TARGET, VB)                                                     \
   template <typename T>                                                                          \
-  TARGET void scan_min_##NAME(const T* buf, const T* bias, const T* scale, T xn, int64_t n,       \
-                              T& best, int64_t& pos) {                                           \
-    scan_min_impl<T, VB>(buf, bias, scale, xn, n, best, pos);                                    \
+  TARGET void scan_min_##NAME(const T* s, int64_t n, T thr, T& best, int64_t& pos) {             \
+    scan_min_impl<T, VB>(s, n, thr, best, pos);                                                  \
   }                                                                                              \
   template <typename T>                                                                          \
-  TARGET void scan_topk_##NAME(const T* buf, const T* bias, const T* scale, T xn, int64_t n,      \
-                               int64_t j0, TopK<T>& top) {                                       \
-    scan_topk_impl<T, VB>(buf, bias, scale, xn, n, j0, top);                                     \
+  TARGET void scan_topk_##NAME(const T* s, int64_t n, int64_t j0, TopK<T>& top) {                \
+    scan_topk_impl<T, VB>(s, n, j0, top);                                                        \
   }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -235,23 +211,21 @@ Isa cpu_isa() {
 }
 
 template <typename T>
-void scan_min(Isa isa, const T* buf, const T* bias, const T* scale, T xn, int64_t n, T& best,
-              int64_t& pos) {
+void scan_min(Isa isa, const T* s, int64_t n, T thr, T& best, int64_t& pos) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (isa == Isa::Avx512) return scan_min_avx512(buf, bias, scale, xn, n, best, pos);
-  if (isa == Isa::Avx2) return scan_min_avx2(buf, bias, scale, xn, n, best, pos);
+  if (isa == Isa::Avx512) return scan_min_avx512(s, n, thr, best, pos);
+  if (isa == Isa::Avx2) return scan_min_avx2(s, n, thr, best, pos);
 #endif
-  scan_min_base(buf, bias, scale, xn, n, best, pos);
+  scan_min_base(s, n, thr, best, pos);
 }
 
 template <typename T>
-void scan_topk(Isa isa, const T* buf, const T* bias, const T* scale, T xn, int64_t n, int64_t j0,
-               TopK<T>& top) {
+void scan_topk(Isa isa, const T* s, int64_t n, int64_t j0, TopK<T>& top) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (isa == Isa::Avx512) return scan_topk_avx512(buf, bias, scale, xn, n, j0, top);
-  if (isa == Isa::Avx2) return scan_topk_avx2(buf, bias, scale, xn, n, j0, top);
+  if (isa == Isa::Avx512) return scan_topk_avx512(s, n, j0, top);
+  if (isa == Isa::Avx2) return scan_topk_avx2(s, n, j0, top);
 #endif
-  scan_topk_base(buf, bias, scale, xn, n, j0, top);
+  scan_topk_base(s, n, j0, top);
 }
 
 // ---- exact distances of chosen codes, in double -------------------------------------------------
@@ -289,33 +263,20 @@ double exact_distance(Metric metric, const scalar_t* x, const scalar_t* y, int64
 
 // ---- nearest --------------------------------------------------------------------------------------
 
-// Codebook side of the score, in the compute type T: w (K, D), bias (K), scale (K) or empty.
+// Codebook side of the score in the compute type T, augmented so that one GEMM gives the whole
+// score: w_aug = [w, bias] (K, D + 1), or [w, bias, scale] (K, D + 2) for Poincaré; the rows are
+// [x, 1] or [x, 1, |x|^2].
 template <typename T>
-struct CodeSide {
-  Tensor w, bias, scale;
-};
-
-template <typename T>
-CodeSide<T> code_side(const Tensor& cb, Metric metric, double c) {
+Tensor code_side(const Tensor& cb, Metric metric, double c) {
   const auto st = c10::CppTypeToScalarType<T>::value;
   Tensor cbt = cb.to(st).contiguous();
-  Tensor n2 = cbt.pow(2).sum(-1);
-  CodeSide<T> out;
-  if (metric == Metric::L2) {
-    out.w = cbt * -2;
-    out.bias = n2;
-  } else if (metric == Metric::Cosine) {
-    out.w = -(cbt / n2.sqrt().clamp_min(kNormEps).unsqueeze(1));
-    out.bias = at::zeros_like(n2);
-  } else {
-    Tensor s = (1 - c * n2).clamp_min(kMinDen).reciprocal();
-    out.w = cbt * (s * -2).unsqueeze(1);
-    out.bias = n2 * s;
-    out.scale = s.contiguous();
+  Tensor n2 = cbt.pow(2).sum(-1, true);
+  if (metric == Metric::L2) return at::cat({cbt * -2, n2}, 1).contiguous();
+  if (metric == Metric::Cosine) {
+    return at::cat({-(cbt / n2.sqrt().clamp_min(kNormEps)), at::zeros_like(n2)}, 1).contiguous();
   }
-  out.w = out.w.contiguous();
-  out.bias = out.bias.contiguous();
-  return out;
+  Tensor s = (1 - c * n2).clamp_min(kMinDen).reciprocal();
+  return at::cat({cbt * (s * -2), n2 * s, s}, 1).contiguous();
 }
 
 template <typename scalar_t>
@@ -324,9 +285,8 @@ void nearest_kernel(const Tensor& x, const Tensor& cb, Metric metric, double c, 
   using T = at::opmath_type<scalar_t>;  // float for half types, else the type itself
   const auto st = c10::CppTypeToScalarType<T>::value;
   const int64_t n = x.size(0), kk = cb.size(0), d = x.size(1);
-  const CodeSide<T> cs = code_side<T>(cb, metric, c);
-  const T* biasp = cs.bias.template const_data_ptr<T>();
-  const T* scalep = cs.scale.defined() ? cs.scale.template const_data_ptr<T>() : nullptr;
+  const Tensor w = code_side<T>(cb, metric, c);
+  const int64_t da = w.size(1);  // D + 1 or D + 2
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* cbp = cb.const_data_ptr<scalar_t>();
   int64_t* ip = idx_out.mutable_data_ptr<int64_t>();
@@ -337,56 +297,53 @@ void nearest_kernel(const Tensor& x, const Tensor& cb, Metric metric, double c, 
 
   at::parallel_for(0, row_tiles, 1, [&](int64_t tb, int64_t te) {
     // Per-thread buffers, allocated once per task: O(kTileRows (kTileCodes + D + k)).
-    Tensor xt = at::empty({kTileRows, d}, at::TensorOptions().dtype(st));
+    Tensor xt = at::empty({kTileRows, da}, at::TensorOptions().dtype(st));
     Tensor buf = at::empty({kTileRows * tk}, at::TensorOptions().dtype(st));
-    std::vector<T> xn(kTileRows), best(kTileRows), topv(kTileRows * k);
-    std::vector<int64_t> besti(kTileRows), topi(kTileRows * k);
+    std::vector<T> best(kTileRows), topv(kTileRows * k);
+    std::vector<int64_t> besti(kTileRows), topi(kTileRows * k), filled(kTileRows);
     std::vector<double> exact(k);
     std::vector<int64_t> order(k);
     T* xtp = xt.mutable_data_ptr<T>();
     for (int64_t t = tb; t < te; ++t) {
       const int64_t i0 = t * kTileRows, tm = std::min(kTileRows, n - i0);
-      // The rows in the compute type (normalised for cosine) and |x|^2 for Poincaré.
+      // The rows in the compute type (normalised for cosine), then 1 (and |x|^2 for Poincaré).
       for (int64_t r = 0; r < tm; ++r) {
         const scalar_t* src = xp + (i0 + r) * d;
-        T* dst = xtp + r * d;
+        T* dst = xtp + r * da;
         T s2 = 0;
         for (int64_t q = 0; q < d; ++q) {
           dst[q] = static_cast<T>(src[q]);
           s2 += dst[q] * dst[q];
         }
-        xn[r] = s2;
         if (metric == Metric::Cosine) {
           const T inv = T(1) / std::max(std::sqrt(s2), static_cast<T>(kNormEps));
           for (int64_t q = 0; q < d; ++q) dst[q] *= inv;
         }
+        dst[d] = T(1);
+        if (da == d + 2) dst[d + 1] = s2;
         best[r] = std::numeric_limits<T>::infinity();
         besti[r] = 0;
+        filled[r] = 0;
         for (int64_t j = 0; j < k; ++j) {
           topv[r * k + j] = std::numeric_limits<T>::infinity();
           topi[r * k + j] = -1;
         }
       }
       Tensor xs = xt.narrow(0, 0, tm);
-      std::vector<int64_t> filled(tm, 0);
       for (int64_t j0 = 0; j0 < kk; j0 += tk) {
         const int64_t tn = std::min(tk, kk - j0);
         Tensor out = buf.narrow(0, 0, tm * tn).view({tm, tn});
-        at::mm_out(out, xs, cs.w.narrow(0, j0, tn).t());
+        at::mm_out(out, xs, w.narrow(0, j0, tn).t());
         const T* bp = buf.const_data_ptr<T>();
         for (int64_t r = 0; r < tm; ++r) {
           const T* row = bp + r * tn;
           if (k == 1) {
-            T b;
             int64_t p;
-            scan_min(isa, row, biasp + j0, scalep ? scalep + j0 : nullptr, xn[r], tn, b, p);
-            if (b < best[r]) {
-              best[r] = b;
-              besti[r] = j0 + p;
-            }
+            scan_min(isa, row, tn, best[r], best[r], p);
+            if (p >= 0) besti[r] = j0 + p;
           } else {
             TopK<T> top{topv.data() + r * k, topi.data() + r * k, k, filled[r]};
-            scan_topk(isa, row, biasp + j0, scalep ? scalep + j0 : nullptr, xn[r], tn, j0, top);
+            scan_topk(isa, row, tn, j0, top);
             filled[r] = top.filled;
           }
         }
