@@ -47,6 +47,21 @@ def main() -> None:
         providers["faiss"] = lambda: index.search(xn, 1)
     except ImportError:
         print("faiss is not installed: skipped")
+    try:
+        from vector_quantize_pytorch import VectorQuantize
+
+        layer = VectorQuantize(dim=args.d, codebook_size=args.k, commitment_weight=0.25).eval()
+        with torch.no_grad():
+            layer._codebook.embed.copy_(cb[None])
+            layer._codebook.initted.fill_(True)
+
+        def vqp():
+            with torch.no_grad():
+                return layer(x[None])[1]
+
+        providers["vector-quantize-pytorch"] = vqp
+    except ImportError:
+        print("vector-quantize-pytorch is not installed: skipped")
     for f in providers.values():  # warm-up
         f()
     times = {p: [] for p in providers}
