@@ -3,8 +3,8 @@
 Every function follows geoopt's numerics (see lfi_fast.reference.hyperbolic) and broadcasts like
 geoopt. `c` is a positive number or a scalar tensor; gradients flow to a tensor c. Functions with
 `project=True` project their result onto the ball of radius (1 - eps)/sqrt(c), as geoopt's
-PoincareBall does. float16/bfloat16 inputs are computed in float32 and never give NaN or inf for
-finite inputs. `dim` is the coordinate dimension.
+PoincareBall does. float16 inputs are computed in float32, bfloat16 in float64 (its squares
+overflow float32); neither gives NaN or inf for finite inputs. `dim` is the coordinate dimension.
 
     from lfi_fast import hyperbolic as hyp
     z = hyp.expmap0(u, c=1.0)
@@ -101,7 +101,10 @@ def mobius_scalar_mul(r: torch.Tensor | float, x: torch.Tensor, c: Curvature = 1
             f"got r: {tuple(r.shape)}, x: {tuple(x.shape)}"
         )
     xs = x if d == x.dim() - 1 else x.movedim(d, -1)
-    rs = r if r.dim() < x.dim() - d or d == x.dim() - 1 else r.movedim(d - x.dim(), -1)
+    if d == x.dim() - 1:
+        rs = r
+    else:  # r lines up with |x| kept along dim (as geoopt broadcasts): give it that dim, move it last
+        rs = r.reshape((1,) * max(0, x.dim() - d - r.dim()) + tuple(r.shape)).movedim(d - x.dim(), -1)
     try:
         torch.broadcast_shapes(rs.shape, tuple(xs.shape[:-1]) + (1,))
     except RuntimeError:

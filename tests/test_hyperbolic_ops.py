@@ -12,8 +12,6 @@ import contextlib
 import dataclasses
 import math
 
-import os
-
 import pytest
 import torch
 from conftest import (
@@ -46,17 +44,6 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import lfi_fast
-
-# Being calibrated: on this module's first full runs some cases failed on every backend alike,
-# showing open library limitations (geoopt's artanh formula loses float32 digits at tiny norms;
-# bfloat16 inputs whose squared norm overflows float32) and a few float64 boundary cases whose
-# tolerance is still being set. Until that is settled the module runs on request only:
-#     LFI_FAST_WIP_TESTS=1 pytest tests/test_hyperbolic_ops.py
-pytestmark = pytest.mark.skipif(
-    os.environ.get("LFI_FAST_WIP_TESTS") != "1",
-    reason="hyperbolic op tests being calibrated (see the module's header); LFI_FAST_WIP_TESTS=1 runs them",
-)
-
 from lfi_fast import hyperbolic as hyp
 from lfi_fast.reference import hyperbolic as ref
 
@@ -511,10 +498,10 @@ def check_against_oracles(backend, name, tensors, c, *, dtype, project=True, ora
 
 def _tol(backend, oracle_name, dtype):
     """The Triton kernels compute tanh and log1p from exp and log (no libdevice under the
-    interpreter): a few ulps in float64, which the gradients of boundary rows amplify. Against the
-    reference they hold 1e-10; against geoopt, whose rounding is libm's, 5e-9."""
-    if backend == "triton" and oracle_name == "geoopt" and dtype == F64:
-        return 5e-9
+    interpreter): a few ulps in float64, which the gradients of boundary rows amplify (seen: 4e-10
+    against the reference, 1.1e-9 against geoopt). Allowed: 1e-9 and 5e-9."""
+    if backend == "triton" and dtype == F64:
+        return 5e-9 if oracle_name == "geoopt" else 1e-9
     return None
 
 

@@ -3,9 +3,11 @@
 geoopt's stereographic model uses k = -c; these functions take c (a number or a 0-dim tensor,
 differentiable). Numerics are geoopt's (0.5): norms and denominators clamped at 1e-15, tanh's
 argument clamped to ±15, artanh's to ±(1 - 1e-7), a first-order Taylor expansion for c <= 1e-8,
-projection to (1 - eps)/sqrt(c + 1e-15) with eps 4e-3 (float32) or 1e-5 (float64). Unlike
-geoopt, float16/bfloat16 inputs are computed in float32 (with float32's margin) and cast back, so
-finite inputs never give NaN or inf.
+projection to (1 - eps)/sqrt(c + 1e-15) with eps 4e-3 (float32) or 1e-5 (float64). artanh is
+0.5 (log1p(x) - log1p(-x)): geoopt's 0.5 (log(1 + x) - log(1 - x)) loses every digit of a tiny x
+(in float32 from |x| ~ 1e-4 on). Unlike geoopt, float16 inputs are computed in float32 and
+bfloat16 inputs in float64 (float32's range: their squared norms can overflow float32), both with
+float32's margin, and cast back, so finite inputs never give NaN or inf.
 
 Every function reduces over `dim`; inputs broadcast like geoopt's.
 """
@@ -23,7 +25,10 @@ def ball_eps(dtype: torch.dtype) -> float:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    """As the kernels' compute_t (csrc/common.h)."""
+    if dtype == torch.bfloat16:
+        return torch.float64
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _as_c(c: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
