@@ -470,17 +470,25 @@ void backward_kernel(const Tensor& grad, const Tensor& logits, const Tensor& out
       std::fill(o, o + k, scalar_t(0));
       return;
     }
-    for (int64_t i = 0; i < k; ++i) go[i] = static_cast<acc_t>(gp[r * k + i]);
-    softmax_grad(y, go.data(), gi.data(), k, inv_tau);
-    for (int64_t i = 0; i < k; ++i) o[i] = static_cast<scalar_t>(gi[i]);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {  // straight from and to the tensors
+      softmax_grad(y, gp + r * k, o, k, inv_tau);
+    } else {
+      for (int64_t i = 0; i < k; ++i) go[i] = static_cast<acc_t>(gp[r * k + i]);
+      softmax_grad(y, go.data(), gi.data(), k, inv_tau);
+      for (int64_t i = 0; i < k; ++i) o[i] = static_cast<scalar_t>(gi[i]);
+    }
   };
 
   at::parallel_for(0, rows, grain_rows(k), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> go(k), gi(k), y(k);
     if (!hard) {  // the softmax backward from the saved sample
       for (int64_t r = begin; r < end; ++r) {
-        for (int64_t i = 0; i < k; ++i) y[i] = static_cast<acc_t>(yp[r * k + i]);
-        row_grad(r, y.data(), go, gi);
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          row_grad(r, yp + r * k, go, gi);
+        } else {
+          for (int64_t i = 0; i < k; ++i) y[i] = static_cast<acc_t>(yp[r * k + i]);
+          row_grad(r, y.data(), go, gi);
+        }
       }
       return;
     }
