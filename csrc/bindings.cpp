@@ -51,6 +51,14 @@ TORCH_LIBRARY(lfi_fast, m) {
   m.def("vq_quantize(Tensor x, Tensor codebook, Tensor indices, float beta) -> (Tensor, Tensor)");
   m.def("vq_quantize_backward(Tensor grad_q, Tensor grad_loss, Tensor x, Tensor codebook, Tensor indices, float beta) -> (Tensor, Tensor)");
   m.def("vq_ema_update(Tensor x, Tensor indices, Tensor counts, Tensor sums, float decay, float eps) -> (Tensor, Tensor, Tensor)");
+
+  // ---- gumbel (Gumbel-softmax with forced rows; single-variable interventions) ----
+  // logits (rows, K); mask (rows,) bool and targets (rows,) int64 force rows to one-hot; noise
+  // (rows, K) replaces the Philox noise of (seed, offset) (element (row, k) is number row*K4 + k).
+  m.def("gumbel_softmax(Tensor logits, Tensor? mask, Tensor? targets, Tensor? noise, float tau, bool hard, int seed, int offset) -> Tensor");
+  m.def("gumbel_softmax_backward(Tensor grad, Tensor logits, Tensor out, Tensor? mask, Tensor? noise, float tau, bool hard, int seed, int offset) -> Tensor");
+  m.def("single_interventions(Tensor codes, int num_categories) -> Tensor");
+  m.def("single_intervention_one_hot(Tensor codes, int num_categories, ScalarType dtype) -> Tensor");
 }
 
 namespace {
