@@ -449,7 +449,7 @@ class InvarianceExplainer(Explainer):
                 logits_x = self.decoder(z)
                 bce = F.binary_cross_entropy_with_logits(logits_x, x, reduction="sum") / len(x)
                 kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / len(x)
-                logits = self.head(z[:, :ds])
+                logits = self.head(mu[:, :ds])
                 if cfg.mode == "posthoc":
                     with torch.no_grad():
                         teacher = F.softmax(self.classifier(x) / cfg.temperature, dim=1)
@@ -465,8 +465,8 @@ class InvarianceExplainer(Explainer):
                 sched.step()
                 k = len(x)
                 n += k
-                for key, v in (("loss", loss), ("recon_bce", bce), ("kl", kl), ("ce", ce)):
-                    sums[key] += float(v) * k
+                for key, v in (("loss", loss), ("recon_bce", bce), ("kl", kl), ("ce", ce)):  # noqa: B007
+                    sums[key] += float(v.detach()) * k
                 sums["accuracy"] += float((logits.argmax(1) == y).sum())
             for key in sums:
                 history[key].append(sums[key] / max(n, 1))
