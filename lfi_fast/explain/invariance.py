@@ -74,11 +74,11 @@ class Config:
     num_classes: int = 10
     supervised_dims: int = 8
     nuisance_dims: int = 8
-    channels: int = 32                    # encoder conv widths: channels, 2 * channels
-    hidden: int = 256                     # width of the encoder's and decoder's dense layers
+    channels: int = 16                    # encoder conv widths: channels, 2 * channels
+    hidden: int = 128                     # width of the encoder's and decoder's dense layers
     head_hidden: int = 64                 # width of the latent classifier's hidden layer
     beta: float = 1.0                     # KL weight
-    alpha: float = 50.0                   # classifier (or distillation) weight
+    alpha: float = 300.0                  # classifier (or distillation) weight
     temperature: float = 2.0              # distillation temperature (mode "posthoc")
     epochs: int = 10
     batch_size: int = 128
@@ -127,8 +127,8 @@ def default_config(data: str, **overrides) -> Config:
     """The tuned config for "digits" (run at image_size 28), "mnist" and "fashion-mnist"."""
     base = {
         "digits": dict(epochs=40, batch_size=64, lr=2e-3),
-        "mnist": dict(epochs=10, batch_size=128, lr=2e-3),
-        "fashion-mnist": dict(epochs=10, batch_size=128, lr=2e-3),
+        "mnist": dict(epochs=15, batch_size=128, lr=2e-3),
+        "fashion-mnist": dict(epochs=15, batch_size=128, lr=2e-3),
     }
     if data not in base:
         raise ValueError(f"data must be one of {', '.join(base)} (got {data!r})")
@@ -256,14 +256,14 @@ class InvarianceResult(Explanation):
         mc = min(max_samples, self.contrast.shape[1]) if self.contrast.numel() else 0
         has_attr = self.attribution.numel() > 0
         cols = 2 + m + mc + (3 if has_attr else 0)
-        fig, axes = plt.subplots(max(b, 1), cols, figsize=(0.9 * cols, 0.95 * max(b, 1) + 0.4),
+        fig, axes = plt.subplots(max(b, 1), cols, figsize=(0.9 * cols + 0.8, 0.95 * max(b, 1) + 0.4),
                                  squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
         for i in range(b):
             row = axes[i]
             p = int(self.prediction[i])
-            _show(row[0], self.inputs[i], f"in {p}" if i == 0 else str(p))
+            _show(row[0], self.inputs[i], f"input: {p}" if i == 0 else str(p))
             _show(row[1], self.reconstruction[i], "recon" if i == 0 else None)
             for j in range(m):
                 _show(row[2 + j], self.samples[i, j], str(int(self.sample_classes[i, j])),
@@ -275,9 +275,10 @@ class InvarianceResult(Explanation):
                 for k, (t, name) in enumerate(((self.attribution, "IG"), (self.attribution_mean, "mean"),
                                                (self.attribution_var, "var"))):
                     _show_attr(row[2 + m + mc + k], t[i], name if i == 0 else None, signed=name != "var")
-            row[2].set_title(f"invariant ({float(self.invariance[i]):.0%})", fontsize=6, loc="left") if m else None
+            label = f"invariant {float(self.invariance[i]):.0%}"
             if mc:
-                row[2 + m].set_title(f"contrast (flip {float(self.flip[i]):.0%})", fontsize=6, loc="left")
+                label += f"\nflip {float(self.flip[i]):.0%}"
+            row[0].text(-0.15, 0.5, label, transform=row[0].transAxes, fontsize=6, ha="right", va="center")
         fig.tight_layout(pad=0.2)
         return fig
 
