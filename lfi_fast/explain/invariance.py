@@ -753,6 +753,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--mode", default="design", choices=MODES)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--checkpoint", default=None, help="where to save the explainer (default OUT/checkpoint)")
+    ap.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = 28 if args.data == "digits" else None
@@ -776,7 +777,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     exp.save(args.checkpoint or out / "checkpoint")
-    figures = exp.report(test_loader, out)
+    figures = [] if args.no_figures else exp.report(test_loader, out)
     doc = {**metrics, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
            "epochs": cfg.epochs, "data": args.data, "train_size": len(train), "test_size": len(test),
            "threads": torch.get_num_threads(), "config": dataclasses.asdict(cfg),
