@@ -419,7 +419,7 @@ class InvarianceExplainer(Explainer):
         epochs = cfg.epochs if epochs is None else check_positive_int(epochs, "epochs", minimum=0)
         device = self.device
         history: dict[str, list] = {k: [] for k in ("loss", "recon_bce", "kl", "ce", "accuracy", "seconds")}
-        torch.manual_seed(cfg.seed)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)  # the reparameterisation noise
         if cfg.mode == "posthoc":
             if not bool(self.classifier_ready):
                 history["classifier_loss"] = models.train_classifier(
@@ -446,7 +446,8 @@ class InvarianceExplainer(Explainer):
                     self._check_inputs(x, "train_loader images")
                 x, y = x.to(device, torch.float32), y.to(device)
                 mu, logvar = self.encode(x)
-                z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+                eps = torch.randn(mu.shape, generator=gen, device=device, dtype=mu.dtype)
+                z = mu + eps * torch.exp(0.5 * logvar)
                 logits_x = self.decoder(z)
                 bce = F.binary_cross_entropy_with_logits(logits_x, x, reduction="sum") / len(x)
                 kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / len(x)
