@@ -77,7 +77,10 @@ class Config:
     channels: int = 16                    # encoder conv widths: channels, 2 * channels
     hidden: int = 128                     # width of the encoder's and decoder's dense layers
     head_hidden: int = 64                 # width of the latent classifier's hidden layer
-    beta: float = 1.0                     # KL weight
+    beta: float = 1.0                     # KL weight of the supervised dims
+    nuisance_beta: float = 1.0            # KL weight of the nuisance dims
+    cycle: float = 0.0                    # weight of the cycle term (see fit)
+    cycle_fraction: float = 0.25          # fraction of each batch the cycle term decodes
     alpha: float = 300.0                  # classifier (or distillation) weight
     temperature: float = 2.0              # distillation temperature (mode "posthoc")
     epochs: int = 10
@@ -105,7 +108,9 @@ class Config:
             raise ValueError(f"config.num_classes must be >= 2 (got {self.num_classes})")
         if self.image_size % 4:
             raise ValueError(f"config.image_size must be a multiple of 4 (got {self.image_size})")
-        for name in ("beta", "alpha", "lr", "temperature"):
+        if not 0 < self.cycle_fraction <= 1:
+            raise ValueError(f"config.cycle_fraction must be in (0, 1] (got {self.cycle_fraction!r})")
+        for name in ("beta", "nuisance_beta", "cycle", "alpha", "lr", "temperature"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
                     name in ("lr", "temperature") and v == 0):
@@ -392,6 +397,17 @@ class InvarianceExplainer(Explainer):
             return self.classifier(x)
         return self.head(self.encode(x)[0][:, :self.supervised_dims])
 
+    def _classify_frozen(self, x: torch.Tensor) -> torch.Tensor:
+        """classify(x) with gradients to x only (the parameters detached)."""
+        from torch.func import functional_call
+
+        if self.config.mode == "posthoc":
+            return self.classifier(x)  # frozen already
+        enc = {k: v.detach() for k, v in self.encoder.named_parameters()}
+        head = {k: v.detach() for k, v in self.head.named_parameters()}
+        mu = functional_call(self.encoder, enc, (x,))[:, :self.supervised_dims]
+        return functional_call(self.head, head, (mu,))
+
     def _predict(self, x: torch.Tensor, batch: int = 2048) -> torch.Tensor:
         """Predicted classes of (N, C, H, W) images, without gradients."""
         out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
@@ -450,7 +466,9 @@ class InvarianceExplainer(Explainer):
                 z = mu + eps * torch.exp(0.5 * logvar)
                 logits_x = self.decoder(z)
                 bce = F.binary_cross_entropy_with_logits(logits_x, x, reduction="sum") / len(x)
-                kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / len(x)
+                kl_dims = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(0) / len(x)
+                kl = kl_dims.sum()
+                kl_weighted = cfg.beta * kl_dims[:ds].sum() + cfg.nuisance_beta * kl_dims[ds:].sum()
                 logits = self.head(mu[:, :ds])
                 if cfg.mode == "posthoc":
                     with torch.no_grad():
@@ -460,7 +478,19 @@ class InvarianceExplainer(Explainer):
                         * cfg.temperature ** 2
                 else:
                     ce = F.cross_entropy(logits, y)
-                loss = bce + cfg.beta * kl + cfg.alpha * ce
+                loss = bce + kl_weighted + cfg.alpha * ce
+                if cfg.cycle > 0:
+                    # The cycle term: part of the batch decoded with its z_s kept and z_n drawn
+                    # from the prior; the studied classifier (re-encoding + head, or the frozen
+                    # one) must give them the input's class (label, or the frozen classifier's):
+                    # the invariance that evaluate() measures. Only the decoder learns from it:
+                    # the classifier's parameters are detached, so that it does not learn to
+                    # read early, poor decodes.
+                    k = max(1, int(round(cfg.cycle_fraction * len(x))))
+                    zc = torch.cat((z[:k, :ds], torch.randn(k, cfg.nuisance_dims, generator=gen,
+                                                            device=device, dtype=z.dtype)), 1)
+                    ce_c = F.cross_entropy(self._classify_frozen(torch.sigmoid(self.decoder(zc))), y[:k])
+                    loss = loss + cfg.cycle * cfg.alpha * ce_c
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -620,14 +650,16 @@ class InvarianceExplainer(Explainer):
         return integrated_gradients(self.classify, inputs, target, baselines, n_steps=n_steps,
                                     method=method, internal_batch_size=ibs).detach()
 
-    def traversal(self, inputs: torch.Tensor, values: Sequence[float] = (-2.5, -1.5, -0.5, 0.5, 1.5, 2.5)
-                  ) -> torch.Tensor:
+    _traversal_values = (-2.5, -1.5, -0.5, 0.5, 1.5, 2.5)
+
+    def traversal(self, inputs: torch.Tensor, values: Sequence[float] | None = None) -> torch.Tensor:
         """(B, nuisance_dims, len(values), C, H, W): each nuisance dim of each input's posterior
         mean set to each value, the other dims kept, decoded."""
         self._check_ready()
         x = self._check_inputs(inputs)
         ds, dn = self.config.supervised_dims, self.config.nuisance_dims
-        v = torch.tensor(list(values), dtype=x.dtype, device=x.device)
+        v = torch.tensor(list(self._traversal_values if values is None else values), dtype=x.dtype,
+                         device=x.device)
         with torch.no_grad():
             mu, _ = self.encode(x)
             z = mu[:, None, None, :].repeat(1, dn, len(v), 1)
@@ -704,16 +736,20 @@ class InvarianceExplainer(Explainer):
         rows = min(3, len(x))
         trav = self.traversal(x[:rows])  # (rows, dn, V, C, H, W)
         dn, nv = trav.shape[1], trav.shape[2]
-        fig, axes = plt.subplots(rows * dn, nv, figsize=(0.8 * nv, 0.8 * rows * dn), squeeze=False)
+        cols = rows * (nv + 1) - 1  # one block of columns per input, an empty column between
+        fig, axes = plt.subplots(dn, cols, figsize=(0.75 * cols + 0.5, 0.75 * dn + 0.5), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
         for i in range(rows):
             for j in range(dn):
                 for k in range(nv):
-                    ax = axes[i * dn + j, k]
-                    ax.axis("off")
-                    _show(ax, trav[i, j, k])
-                axes[i * dn + j, 0].text(-2, 14, f"x{i} z_n{j}", fontsize=5, ha="right", va="center")
-        fig.suptitle("nuisance traversals (z_s fixed)", fontsize=7)
-        fig.tight_layout(pad=0.1)
+                    _show(axes[j, i * (nv + 1) + k], trav[i, j, k])
+                if i == 0:
+                    axes[j, 0].text(-0.1, 0.5, f"z_n[{j}]", transform=axes[j, 0].transAxes,
+                                    fontsize=6, ha="right", va="center")
+        fig.suptitle(f"nuisance traversals: one dim from {self._traversal_values[0]:g} to "
+                     f"{self._traversal_values[-1]:g}, z_s and the other dims fixed", fontsize=7)
+        fig.tight_layout(pad=0.2, rect=(0.03, 0, 1, 0.96))
         p = out_dir / "nuisance_traversals.png"
         fig.savefig(p, dpi=120)
         plt.close(fig)
@@ -755,6 +791,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--checkpoint", default=None, help="where to save the explainer (default OUT/checkpoint)")
     ap.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a Config field (VALUE as JSON, else a string); repeatable")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = 28 if args.data == "digits" else None
@@ -763,6 +801,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     overrides = {"mode": args.mode}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set needs FIELD=VALUE (got {item!r})")
+        try:
+            overrides[key] = json.loads(value)
+        except ValueError:
+            overrides[key] = value
     cfg = default_config(args.data, **overrides)
     torch.manual_seed(cfg.seed)
     exp = InvarianceExplainer(cfg)
