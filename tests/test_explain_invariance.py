@@ -213,7 +213,7 @@ def test_report_and_traversal(trained, digits, tmp_path):
 def test_posthoc_distils_a_frozen_classifier(digits, tmp_path):
     train, test = digits
     torch.manual_seed(0)
-    cfg = inv.default_config("digits", mode="posthoc", classifier_epochs=2, **SMALL)
+    cfg = inv.default_config("digits", mode="posthoc", classifier_epochs=2, cycle=0.3, **SMALL)
     exp = inv.InvarianceExplainer(cfg)
     assert not bool(exp.classifier_ready)
     assert any(k.startswith("classifier.") for k in exp.state_dict())
@@ -244,6 +244,19 @@ def test_posthoc_distils_a_frozen_classifier(digits, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in given.state_dict().items())
 
 
+def test_cycle_term_trains_the_decoder_only(trained, digits):
+    exp, _ = trained
+    x = digits[1].tensors[0][:4]
+    exp.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    frozen = exp._classify_frozen(x)
+    torch.testing.assert_close(frozen, exp.classify(x))
+    frozen.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in exp.parameters())
+    exp.zero_grad(set_to_none=True)
+
+
 def test_bad_input(trained):
     exp, _ = trained
     good = torch.rand(2, 1, 28, 28)
@@ -263,6 +276,10 @@ def test_bad_input(trained):
         exp.explain(good, ig_samples=0)
     with pytest.raises(RuntimeError, match="not trained"):
         inv.InvarianceExplainer(inv.Config()).explain(good)
+    with pytest.raises(ValueError, match="cycle_fraction must be in"):
+        inv.InvarianceExplainer(inv.Config(cycle_fraction=0.0))
+    with pytest.raises(ValueError, match="nuisance_beta must be a finite number"):
+        inv.InvarianceExplainer(inv.Config(nuisance_beta=-1.0))
     with pytest.raises(ValueError, match="mode must be one of"):
         inv.InvarianceExplainer(inv.Config(mode="other"))
     with pytest.raises(ValueError, match="image_size must be a multiple of 4"):

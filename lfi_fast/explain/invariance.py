@@ -497,7 +497,7 @@ class InvarianceExplainer(Explainer):
                 sched.step()
                 k = len(x)
                 n += k
-                for key, v in (("loss", loss), ("recon_bce", bce), ("kl", kl), ("ce", ce)):  # noqa: B007
+                for key, v in (("loss", loss), ("recon_bce", bce), ("kl", kl), ("ce", ce)):
                     sums[key] += float(v.detach()) * k
                 sums["accuracy"] += float((logits.argmax(1) == y).sum())
             for key in sums:
