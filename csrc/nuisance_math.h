@@ -75,7 +75,7 @@ LFI_HD T activate_grad(T x, int act, T slope) {
   }
 }
 
-#if !defined(__CUDA_ARCH__)
+// Host-only (plain inline functions; nvcc's device pass parses them too).
 inline int parse_activation(const std::string& a) {
   if (a == "relu") return kRelu;
   if (a == "leaky_relu") return kLeakyRelu;
@@ -124,7 +124,6 @@ inline void check_layer(const at::Tensor& mu, const at::Tensor& weight,
     LFI_CHECK_DEVICE(b, mu.device());
   }
 }
-#endif
 
 }  // namespace nuisance
 }  // namespace lfi_fast

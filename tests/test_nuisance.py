@@ -247,14 +247,18 @@ def test_gradcheck(device, backend, prior, gen):
     mu, logvar = latent(gen, b, d, F64, device)
     w, bb = layer(gen, h, d, F64, device)
     mu, logvar, w, bb = (t.requires_grad_() for t in (mu, logvar, w, bb))
+    # the interpreted Triton kernels are slow: random projections (fast mode) and fewer activations
+    fast = backend == "triton"
+    acts = ("gelu", "leaky_relu") if fast else ("gelu", "silu", "none", "leaky_relu")
     with lfi_fast.use_backend(backend):
-        for act in ("gelu", "silu", "none", "leaky_relu"):  # relu's kink is away from the samples
+        for act in acts:  # relu's kink is away from the samples (leaky_relu has it too)
             torch.autograd.gradcheck(
                 lambda m, lv, w_, b_: nuisance.sample_linear(m, lv, ds, n, w_, b_, act, negative_slope=0.3,
                                                              prior=prior, seed=7, offset=3),
-                (mu, logvar, w, bb))
+                (mu, logvar, w, bb), fast_mode=fast)
         torch.autograd.gradcheck(
-            lambda m, lv: nuisance.sample(m, lv, ds, n, prior=prior, seed=7, offset=3), (mu, logvar))
+            lambda m, lv: nuisance.sample(m, lv, ds, n, prior=prior, seed=7, offset=3), (mu, logvar),
+            fast_mode=fast)
 
 
 @pytest.mark.parametrize("explicit", [True, False], ids=["noise", "stream"])
@@ -508,7 +512,7 @@ def test_bad_input_at_the_op_boundary(op):
 FUZZ_BACKENDS = backends_for("cpu")
 
 
-@settings(**fuzz_settings(60))
+@settings(**fuzz_settings(40))
 @given(
     b=st.integers(0, 5), dn=st.integers(1, 9), ds=st.integers(-1, 6), n=st.integers(0, 4),
     h=st.integers(1, 40), dtype=st.sampled_from([F64, F32, torch.float16, torch.bfloat16]),

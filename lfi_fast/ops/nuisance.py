@@ -92,13 +92,16 @@ def _linear_backward_fake(grad, mu, logvar, ds, n, weight, bias, activation, slo
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.inputs = inputs  # ints, bools, strings and tensors: the backward op takes them all
-    ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
+    # The backward op takes every forward argument: tensors through save_for_backward, the rest
+    # (ints, bools, strings, None) kept as they are, with a marker where a tensor goes.
+    ctx.is_tensor = [isinstance(a, torch.Tensor) for a in inputs]
+    ctx.others = [None if t else a for a, t in zip(inputs, ctx.is_tensor)]
+    ctx.save_for_backward(*[a for a in inputs if isinstance(a, torch.Tensor)])
 
 
 def _saved_inputs(ctx):
     saved = iter(ctx.saved_tensors)
-    return [next(saved) if isinstance(a, torch.Tensor) else a for a in ctx.inputs]
+    return [next(saved) if t else a for a, t in zip(ctx.others, ctx.is_tensor)]
 
 
 def _sample_autograd(backward_op):
