@@ -115,15 +115,19 @@ class Config:
             raise ValueError(f"config.cycle_fraction must be in (0, 1] (got {self.cycle_fraction!r})")
         for name in ("beta", "nuisance_beta", "cycle", "alpha", "lr", "temperature"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
-                    name in ("lr", "temperature") and v == 0):
-                raise ValueError(f"config.{name} must be a finite number {'> 0' if name in ('lr', 'temperature') else '>= 0'} (got {v!r})")
+            strict = name in ("lr", "temperature")
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (strict and v == 0):
+                raise ValueError(f"config.{name} must be a finite number {'> 0' if strict else '>= 0'} "
+                                 f"(got {v!r})")
         if self.ig_method not in IG_METHODS:
-            raise ValueError(f"config.ig_method must be one of {', '.join(IG_METHODS)} (got {self.ig_method!r})")
+            raise ValueError(f"config.ig_method must be one of {', '.join(IG_METHODS)} "
+                             f"(got {self.ig_method!r})")
         if self.ig_backend not in IG_BACKENDS:
-            raise ValueError(f"config.ig_backend must be one of {', '.join(IG_BACKENDS)} (got {self.ig_backend!r})")
+            raise ValueError(f"config.ig_backend must be one of {', '.join(IG_BACKENDS)} "
+                             f"(got {self.ig_backend!r})")
         if self.ig_method != "gausslegendre" and self.ig_steps < 2:
-            raise ValueError(f"config.ig_steps must be >= 2 for {self.ig_method} (got {self.ig_steps})")
+            raise ValueError(f"config.ig_steps must be >= 2 for {self.ig_method} "
+                             f"(got {self.ig_steps})")
         return self
 
     @property
@@ -134,7 +138,7 @@ class Config:
 def default_config(data: str, **overrides) -> Config:
     """The tuned config for "digits" (run at image_size 28), "mnist" and "fashion-mnist"."""
     base = {
-        "digits": dict(epochs=40, batch_size=64, lr=2e-3),
+        "digits": dict(epochs=25, batch_size=64, lr=3e-3),
         "mnist": dict(epochs=13, batch_size=128, lr=2e-3),
         "fashion-mnist": dict(epochs=13, batch_size=128, lr=2e-3),
     }
@@ -460,7 +464,7 @@ class InvarianceExplainer(Explainer):
             sums = dict(loss=0.0, recon_bce=0.0, kl=0.0, ce=0.0, accuracy=0.0)
             n = 0
             for x, y in progress_bar(train_loader, desc=f"invariance epoch {epoch + 1}/{epochs}",
-                                     disable=not progress):
+                                     disable=None if progress else True):
                 if n == 0:
                     self._check_inputs(x, "train_loader images")
                 x, y = x.to(device, torch.float32), y.to(device)
@@ -686,19 +690,21 @@ class InvarianceExplainer(Explainer):
         inv_sum = flip_sum = bce_sum = 0.0
         try:
             with torch.no_grad():
-                for x, y in progress_bar(test_loader, desc="invariance evaluate", disable=not progress):
+                for x, y in progress_bar(test_loader, desc="invariance evaluate",
+                                         disable=None if progress else True):
                     x = self._check_inputs(x, "test_loader images")
                     y = y.to(x.device)
                     b = x.shape[0]
                     index = torch.arange(total, total + b)
                     mu, logvar = self.encode(x)
                     correct += int((self.head(mu[:, :cfg.supervised_dims]).argmax(1) == y).sum())
-                    bce_sum += float(F.binary_cross_entropy_with_logits(self.decoder(mu), x, reduction="sum"))
-                    pred = self._predict(x)
-                    s = self._sample(mu, logvar, n, seed, index, False)
-                    inv_sum += float((self._predict(s.flatten(0, 1)).reshape(b, n) == pred[:, None]).float().mean(1).sum())
-                    s = self._sample(mu, logvar, n, seed, index, True)
-                    flip_sum += float((self._predict(s.flatten(0, 1)).reshape(b, n) != pred[:, None]).float().mean(1).sum())
+                    bce_sum += float(F.binary_cross_entropy_with_logits(self.decoder(mu), x,
+                                                                        reduction="sum"))
+                    pred = self._predict(x)[:, None]
+                    s = self._sample(mu, logvar, n, seed, index, False).flatten(0, 1)
+                    inv_sum += float((self._predict(s).reshape(b, n) == pred).float().mean(1).sum())
+                    s = self._sample(mu, logvar, n, seed, index, True).flatten(0, 1)
+                    flip_sum += float((self._predict(s).reshape(b, n) != pred).float().mean(1).sum())
                     total += b
         finally:
             self.train(was_training)
