@@ -17,7 +17,7 @@ from lfi_fast.data import load_dataset
 from lfi_fast.explain import invariance as inv
 from lfi_fast.reference import nuisance as ref
 
-SMALL = dict(channels=8, hidden=64, head_hidden=32, supervised_dims=6, nuisance_dims=4, epochs=6,
+SMALL = dict(width=8, hidden=64, head_hidden=32, supervised_dims=6, nuisance_dims=4, epochs=6,
              batch_size=32, lr=3e-3, n_samples=6, eval_samples=6, ig_steps=8, ig_samples=3)
 
 
@@ -288,6 +288,8 @@ def test_bad_input(trained):
         inv.InvarianceExplainer(inv.Config(supervised_dims=0))
     with pytest.raises(ValueError, match="mode 'posthoc'"):
         inv.InvarianceExplainer(inv.Config(), classifier=nn.Linear(2, 2))
+    assert inv.default_config("mnist", classifier="builtin:FlintNet").mode == "posthoc"
+    assert inv.default_config("mnist", classifier="builtin:FlintNet", mode="design").mode == "design"
     with pytest.raises(ValueError, match="unknown config fields"):
         inv.default_config("mnist", latent=3)
     with pytest.raises(ValueError, match="data must be one of"):

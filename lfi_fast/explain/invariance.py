@@ -77,7 +77,7 @@ class Config:
     num_classes: int = 10
     supervised_dims: int = 8
     nuisance_dims: int = 8
-    channels: int = 16                    # encoder conv widths: channels, 2 * channels
+    width: int = 16                       # conv widths: width, 2 * width channels
     hidden: int = 128                     # width of the encoder's and decoder's dense layers
     head_hidden: int = 64                 # width of the latent classifier's hidden layer
     beta: float = 1.0                     # KL weight of the supervised dims
@@ -102,7 +102,7 @@ class Config:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)} (got {self.mode!r})")
         for name in ("in_channels", "image_size", "num_classes", "supervised_dims", "nuisance_dims",
-                     "channels", "hidden", "head_hidden", "epochs", "batch_size", "n_samples",
+                     "width", "hidden", "head_hidden", "epochs", "batch_size", "n_samples",
                      "eval_samples", "ig_steps", "ig_samples"):
             check_positive_int(getattr(self, name), f"config.{name}",
                                minimum=0 if name == "epochs" else 1)
@@ -136,7 +136,9 @@ class Config:
 
 
 def default_config(data: str, **overrides) -> Config:
-    """The tuned config for "digits" (run at image_size 28), "mnist" and "fashion-mnist"."""
+    """The tuned config for "digits" (run at image_size 28), "mnist" and "fashion-mnist".
+    Naming a classifier (overrides["classifier"]) without a mode means mode "posthoc": the
+    classifier given is the one explained (what `lfi-fast train invariance --model ...` does)."""
     base = {
         "digits": dict(epochs=25, batch_size=64, lr=3e-3),
         "mnist": dict(epochs=13, batch_size=128, lr=2e-3),
@@ -148,6 +150,8 @@ def default_config(data: str, **overrides) -> Config:
     unknown = set(overrides) - fields
     if unknown:
         raise ValueError(f"unknown config fields {sorted(unknown)}; Config has {sorted(fields)}")
+    if "classifier" in overrides and "mode" not in overrides:
+        overrides = {**overrides, "mode": "posthoc"}
     return Config(**{**base[data], **overrides}).validate()
 
 
@@ -341,7 +345,7 @@ class InvarianceExplainer(Explainer):
         if classifier is not None and cfg.mode != "posthoc":
             raise ValueError("classifier= is the frozen model of mode 'posthoc'; "
                              f"set config.mode='posthoc' to explain it (got mode {cfg.mode!r})")
-        c, ch, s = cfg.in_channels, cfg.channels, cfg.image_size // 4
+        c, ch, s = cfg.in_channels, cfg.width, cfg.image_size // 4
         d = cfg.latent_dims
         self.encoder = nn.Sequential(OrderedDict([
             ("conv1", nn.Conv2d(c, ch, 4, 2, 1)), ("relu1", nn.ReLU()),
