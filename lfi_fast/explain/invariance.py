@@ -301,7 +301,7 @@ class InvarianceResult(Explanation):
 
 def _image(t: torch.Tensor):
     t = t.detach().float().cpu()
-    return t[0] if t.shape[0] == 1 else t.permute(1, 2, 0).clamp(0, 1)
+    return (t[0] if t.shape[0] == 1 else t.permute(1, 2, 0).clamp(0, 1)).numpy()
 
 
 def _show(ax, t, title=None, color="black"):
@@ -311,7 +311,7 @@ def _show(ax, t, title=None, color="black"):
 
 
 def _show_attr(ax, t, title=None, signed=True):
-    a = t.detach().float().cpu().sum(0)
+    a = t.detach().float().cpu().sum(0).numpy()
     lim = float(a.abs().max()) or 1.0
     if signed:
         ax.imshow(a, cmap="bwr", vmin=-lim, vmax=lim)
