@@ -312,7 +312,7 @@ def _show(ax, t, title=None, color="black"):
 
 def _show_attr(ax, t, title=None, signed=True):
     a = t.detach().float().cpu().sum(0).numpy()
-    lim = float(a.abs().max()) or 1.0
+    lim = float(abs(a).max()) or 1.0
     if signed:
         ax.imshow(a, cmap="bwr", vmin=-lim, vmax=lim)
     else:
