@@ -59,6 +59,15 @@ TORCH_LIBRARY(lfi_fast, m) {
   m.def("gumbel_softmax_backward(Tensor grad, Tensor logits, Tensor out, Tensor? mask, Tensor? noise, float tau, bool hard, int seed, int offset) -> Tensor");
   m.def("single_interventions(Tensor codes, int num_categories) -> Tensor");
   m.def("single_intervention_one_hot(Tensor codes, int num_categories, ScalarType dtype) -> Tensor");
+
+  // ---- nuisance (supervised-VAE sampling; noise from the Philox stream (seed, offset), or
+  // `noise` (B * n_samples, D - supervised_dims) when given) ----
+  // <op>_backward(grad, <the op's arguments>) regenerates the noise and returns the gradients of
+  // mu, logvar (and weight, bias: the bias gradient is returned even when bias is None).
+  m.def("nuisance_sample(Tensor mu, Tensor logvar, int supervised_dims, int n_samples, bool posterior, int seed, int offset, Tensor? noise) -> Tensor");
+  m.def("nuisance_sample_backward(Tensor grad, Tensor mu, Tensor logvar, int supervised_dims, int n_samples, bool posterior, int seed, int offset, Tensor? noise) -> (Tensor, Tensor)");
+  m.def("nuisance_sample_linear(Tensor mu, Tensor logvar, int supervised_dims, int n_samples, Tensor weight, Tensor? bias, str activation, float negative_slope, bool posterior, int seed, int offset, Tensor? noise) -> Tensor");
+  m.def("nuisance_sample_linear_backward(Tensor grad, Tensor mu, Tensor logvar, int supervised_dims, int n_samples, Tensor weight, Tensor? bias, str activation, float negative_slope, bool posterior, int seed, int offset, Tensor? noise) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -107,4 +107,16 @@ at::Tensor single_interventions_cuda(const at::Tensor& codes, int64_t num_catego
 at::Tensor single_intervention_one_hot_cuda(const at::Tensor& codes, int64_t num_categories, at::ScalarType dtype);
 #endif
 
+// ---- nuisance: supervised-VAE sampling (z_s = mu_s, z_n from the Philox stream or `noise`) -----
+#define LFI_NUISANCE_DECLS(SUFFIX)                                                                 \
+  at::Tensor nuisance_sample_##SUFFIX(const at::Tensor& mu, const at::Tensor& logvar, int64_t supervised_dims, int64_t n_samples, bool posterior, int64_t seed, int64_t offset, const c10::optional<at::Tensor>& noise); \
+  std::tuple<at::Tensor, at::Tensor> nuisance_sample_backward_##SUFFIX(const at::Tensor& grad, const at::Tensor& mu, const at::Tensor& logvar, int64_t supervised_dims, int64_t n_samples, bool posterior, int64_t seed, int64_t offset, const c10::optional<at::Tensor>& noise); \
+  at::Tensor nuisance_sample_linear_##SUFFIX(const at::Tensor& mu, const at::Tensor& logvar, int64_t supervised_dims, int64_t n_samples, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, c10::string_view activation, double negative_slope, bool posterior, int64_t seed, int64_t offset, const c10::optional<at::Tensor>& noise); \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nuisance_sample_linear_backward_##SUFFIX(const at::Tensor& grad, const at::Tensor& mu, const at::Tensor& logvar, int64_t supervised_dims, int64_t n_samples, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, c10::string_view activation, double negative_slope, bool posterior, int64_t seed, int64_t offset, const c10::optional<at::Tensor>& noise);
+LFI_NUISANCE_DECLS(cpu)
+#ifdef LFI_FAST_WITH_CUDA
+LFI_NUISANCE_DECLS(cuda)
+#endif
+#undef LFI_NUISANCE_DECLS
+
 }  // namespace lfi_fast
