@@ -130,7 +130,7 @@ def train_classifier(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(y)
+            total += loss.item() * len(y)
             n += len(y)
         history.append(total / max(n, 1))
     model.eval()
