@@ -268,7 +268,8 @@ def test_gradients_match_reference(device, backend, explicit, gen):
     to float64 precision; on the stream (the backward regenerates the noise) up to the float32
     rounding of the Box-Muller transforms."""
     b, d, ds, n, h = 5, 12, 4, 6, 33
-    tol = 1e-9 if explicit else 1e-6
+    # weight and bias gradients sum B * n terms that may cancel: 1e-8 on explicit float64 noise
+    tol = 1e-8 if explicit else 1e-6
     for prior in PRIORS:
         for act in ref.ACTIVATIONS:
             mu, logvar = latent(gen, b, d, F64, device)
