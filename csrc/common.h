@@ -40,8 +40,8 @@ template <typename scalar_t>
 using compute_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, double,
                                      at::opmath_type<scalar_t>>;
 
-// compute_t as a runtime dtype, for the ATen calls (GEMMs) of the kernels built on them.
-inline at::ScalarType compute_type(at::ScalarType t) {
+// compute_t as a runtime dtype (row_compute_type), for the ATen calls (GEMMs) of the kernels built on them.
+inline at::ScalarType row_compute_type(at::ScalarType t) {
   return t == at::kBFloat16 ? at::kDouble : at::toOpMathType(t);
 }
 

@@ -466,7 +466,7 @@ void check_matrix_pair(const Tensor& x, const Tensor& y) {
 
 // Row squared norms and the Gram matrix in compute_type.
 std::tuple<Tensor, Tensor, Tensor> gram(const Tensor& x, const Tensor& y) {
-  const auto acc = compute_type(x.scalar_type());
+  const auto acc = row_compute_type(x.scalar_type());
   const Tensor xa = x.to(acc), ya = y.to(acc);
   return {xa.square().sum(-1), ya.square().sum(-1), at::matmul(xa, ya.t())};
 }
@@ -687,7 +687,7 @@ Tensor mobius_matvec_cpu(const Tensor& m, const Tensor& x, const Tensor& c, bool
   TORCH_CHECK(m.dim() == 2 && m.size(1) == x.size(-1), "m must be (out, in) with in == x.shape[-1]",
               " (got m: ", m.sizes(), ", x: ", x.sizes(), ")");
   const double cv = curvature(c);
-  const auto acc = compute_type(x.scalar_type());
+  const auto acc = row_compute_type(x.scalar_type());
   auto shape = x.sizes().vec();
   shape.back() = m.size(0);
   const int64_t din = x.size(-1), dout = m.size(0);
@@ -726,7 +726,7 @@ std::tuple<Tensor, Tensor, Tensor> mobius_matvec_backward_cpu(const Tensor& grad
                                                               bool project, bool needs_grad_c) {
   check_pair(x, m, "x", "m");
   const double cv = curvature(c);
-  const auto acc = compute_type(x.scalar_type());
+  const auto acc = row_compute_type(x.scalar_type());
   TORCH_CHECK(m.dim() == 2 && m.size(1) == x.size(-1), "m must be (out, in) with in == x.shape[-1]");
   const int64_t din = x.size(-1), dout = m.size(0);
   const int64_t n = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);

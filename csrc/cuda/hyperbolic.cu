@@ -714,7 +714,7 @@ CurvatureArg curvature(const Tensor& c, const Tensor& x) {
   TORCH_CHECK(c.is_cpu() || c.device() == x.device(), "c must be on the CPU or on ", x.device(),
               " (got ", c.device(), ")");
   if (c.is_cpu()) return {Tensor(), c.item<double>()};
-  return {c.to(compute_type(x.scalar_type())), 0.0};
+  return {c.to(row_compute_type(x.scalar_type())), 0.0};
 }
 
 // The gradient of c from its per-row (or per-block) contributions, in c's dtype and device.
@@ -725,7 +725,7 @@ Tensor grad_c(const Tensor& parts, const Tensor& c, bool needs_grad_c) {
 
 Tensor gc_buffer(int64_t n, const Tensor& x, bool needs_grad_c) {
   if (!needs_grad_c) return Tensor();
-  return at::empty({n}, x.options().dtype(compute_type(x.scalar_type())));
+  return at::empty({n}, x.options().dtype(row_compute_type(x.scalar_type())));
 }
 
 template <typename T>
@@ -1034,7 +1034,7 @@ void check_matrix_pair(const Tensor& x, const Tensor& y) {
 
 // Row squared norms and the Gram matrix in the compute type.
 std::tuple<Tensor, Tensor, Tensor> gram(const Tensor& x, const Tensor& y) {
-  const auto acc = compute_type(x.scalar_type());
+  const auto acc = row_compute_type(x.scalar_type());
   const Tensor xa = x.to(acc), ya = y.to(acc);
   return {xa.square().sum(-1).contiguous(), ya.square().sum(-1).contiguous(),
           at::matmul(xa, ya.t()).contiguous()};
@@ -1097,7 +1097,7 @@ void matvec_bwd_launch(const Tensor& x2d, const Tensor& mx, const Tensor& g, Ten
 // x as (rows, in) in the compute type, contiguous.
 Tensor matvec_rows(const Tensor& x) {
   const int64_t n = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
-  return x.reshape({n, x.size(-1)}).to(compute_type(x.scalar_type())).contiguous();
+  return x.reshape({n, x.size(-1)}).to(row_compute_type(x.scalar_type())).contiguous();
 }
 
 void check_matvec(const Tensor& m, const Tensor& x) {
