@@ -154,8 +154,8 @@ def default_config(data: str, **overrides) -> InterventionConfig:
     """The tuned config for "digits" (at image_size 28), "mnist" and "fashion-mnist"."""
     presets = {
         "digits": dict(classifier_epochs=12, epochs=150, generator_epochs=40, batch_size=64),
-        "mnist": dict(classifier_epochs=2, epochs=20, generator_epochs=3),
-        "fashion-mnist": dict(classifier_epochs=3, epochs=20, generator_epochs=3),
+        "mnist": dict(classifier_epochs=2, epochs=15, generator_epochs=3),
+        "fashion-mnist": dict(classifier_epochs=2, epochs=15, generator_epochs=3),
     }
     if data not in presets:
         raise ValueError(f"data must be one of {', '.join(presets)} (got {data!r})")
@@ -603,21 +603,28 @@ class InterventionExplainer(Explainer):
         return t.to(device)
 
     @torch.no_grad()
-    def _score(self, probs, start_cls, target):
-        """Search scores and success of candidate probabilities probs (..., C), per input."""
-        shape = probs.shape[:-1]
+    def _score(self, logp, start_cls, target):
+        """Search scores and success of candidates' class log-probabilities logp (B, ..., C): the
+        log-probability of the target, or of "any class but the start" (a logsumexp, which does not
+        saturate where 1 - p(start) underflows)."""
+        shape = logp.shape[:-1]
         sc = start_cls.view(-1, *([1] * (len(shape) - 1))).expand(shape)
         tg = target.view(-1, *([1] * (len(shape) - 1))).expand(shape)
         any_other = tg < 0
-        p_t = probs.gather(-1, tg.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        p_s = probs.gather(-1, sc.unsqueeze(-1)).squeeze(-1)
-        score = torch.where(any_other, torch.log1p(-p_s.clamp(max=1 - 1e-7)), torch.log(p_t.clamp_min(1e-30)))
-        pred = probs.argmax(-1)
+        lp_t = logp.gather(-1, tg.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        lp_o = logp.scatter(-1, sc.unsqueeze(-1), -math.inf).logsumexp(-1)
+        score = torch.where(any_other, lp_o, lp_t)
+        pred = logp.argmax(-1)
         success = torch.where(any_other, pred != sc, pred == tg)
         return score, success
 
-    def _candidate_probs(self, codes: torch.Tensor, chunk_rows: int = 1 << 16) -> torch.Tensor:
-        """Class probabilities of every single change of each code: (N, V) -> (N, V*(K-1), C)."""
+    def _log_probs(self, code_one_hot: torch.Tensor) -> torch.Tensor:
+        """log f_K(decode(code)) class probabilities: (..., V, K) -> (..., C)."""
+        return torch.log_softmax(self.classify_features(self.decode(code_one_hot)), -1)
+
+    def _candidate_log_probs(self, codes: torch.Tensor, chunk_rows: int = 1 << 16) -> torch.Tensor:
+        """Class log-probabilities of every single change of each code: (N, V) -> (N, V*(K-1), C),
+        all of a chunk's candidates in one pass through the decoder and f_K."""
         n, v = codes.shape
         k = self.config.num_categories
         m = v * (k - 1)
@@ -625,7 +632,7 @@ class InterventionExplainer(Explainer):
         step = max(1, chunk_rows // max(m, 1))
         for s in range(0, n, step):
             oh = gumbel.single_intervention_one_hot(codes[s:s + step], k, dtype=self.feature_mean.dtype)
-            out.append(torch.softmax(self.classify_features(self.decode(oh)), -1))
+            out.append(self._log_probs(oh))
         if not out:
             return codes.new_zeros((0, m, self.config.num_classes), dtype=self.feature_mean.dtype)
         return torch.cat(out)
@@ -648,9 +655,10 @@ class InterventionExplainer(Explainer):
         k, c = cfg.num_categories, cfg.num_classes
         m = v * (k - 1)
         dev = codes.device
-        probs0 = torch.softmax(self.classify_features(self.decode(self.one_hot(codes))), -1)  # (B, C)
-        start = probs0.argmax(-1)
-        _, ok0 = self._score(probs0, start, target)
+        logp0 = self._log_probs(self.one_hot(codes))  # (B, C)
+        probs0 = logp0.exp()
+        start = logp0.argmax(-1)
+        _, ok0 = self._score(logp0, start, target)
         ok0 = ok0 & (target >= 0)  # the target is already the class: zero changes
         # final outputs
         changes = torch.full((b, s_max), -1, dtype=torch.int64, device=dev)
@@ -680,7 +688,7 @@ class InterventionExplainer(Explainer):
                 break
             live = beam_valid.reshape(a * w)
             p = torch.zeros(a * w, m, c, dtype=self.feature_mean.dtype, device=dev)
-            p[live] = self._candidate_probs(beam_codes.reshape(a * w, v)[live])
+            p[live] = self._candidate_log_probs(beam_codes.reshape(a * w, v)[live])
             p = p.view(a, w, m, c)
             score, ok = self._score(p, start[active], target[active])
             cur = beam_codes.gather(2, cand_var.view(1, 1, m).expand(a, w, m))  # (A, W, M)
@@ -722,7 +730,7 @@ class InterventionExplainer(Explainer):
             new_vals = beam_vals[ar, parent].clone()
             new_vals[:, :, step - 1] = nv
             new_probs = beam_probs[ar, parent].clone()
-            p_sel = p.reshape(a, w * m, c).gather(1, sel.unsqueeze(-1).expand(a, w, c))
+            p_sel = p.reshape(a, w * m, c).gather(1, sel.unsqueeze(-1).expand(a, w, c)).exp()
             new_probs[:, :, step:] = p_sel.unsqueeze(2)
             beam_codes, beam_changed, beam_vars, beam_vals, beam_probs = \
                 new_codes, new_changed, new_vars, new_vals, new_probs
@@ -765,8 +773,7 @@ class InterventionExplainer(Explainer):
             tg = tgt[s:e].unsqueeze(1).expand(e - s, n_samples, v).reshape(-1).contiguous()
             y = gumbel_ops.gumbel_softmax(lg, mk, tg, None, float(self.tau), True, seed, int(index[s]) * per_example)
             out[s:e] = y.view(e - s, n_samples, v, k)
-        probs = torch.softmax(self.classify_features(self.decode(out)), -1)  # (B, S, C)
-        _, ok = self._score(probs, result["start_class"], target)  # (B, S)
+        _, ok = self._score(self._log_probs(out), result["start_class"], target)  # (B, S)
         return ok.to(logits.dtype).mean(1)
 
     @torch.no_grad()
@@ -865,8 +872,8 @@ class InterventionExplainer(Explainer):
             check_images(x, cfg.in_channels, (cfg.image_size,) * 2)
             x = x.to(dev, torch.float32)
             _h, _l, code = self.encode(x)
-            start = torch.softmax(self.classify_features(self.decode(self.one_hot(code))), -1).argmax(-1)
-            pred = self._candidate_probs(code).argmax(-1)  # (N, M)
+            start = self._log_probs(self.one_hot(code)).argmax(-1)
+            pred = self._candidate_log_probs(code).argmax(-1)  # (N, M)
             counts += torch.bincount(start, minlength=c)
             flat = (cand_var.unsqueeze(0) * c + start.unsqueeze(1)) * c + pred  # (N, M)
             trans += torch.bincount(flat.flatten(), minlength=v * c * c).view(v, c, c)
@@ -938,20 +945,19 @@ def search_loop(explainer: InterventionExplainer, codes: torch.Tensor, target: t
     b, v = codes.shape
     max_changes = min(max_changes, v)
 
-    def probs_of(code):
-        oh = explainer.one_hot(code.unsqueeze(0))
-        return torch.softmax(explainer.classify_features(explainer.decode(oh)), -1)[0]
+    def logp_of(code):
+        return explainer._log_probs(explainer.one_hot(code.unsqueeze(0)))[0]
 
     out = {"num_changes": [], "success": [], "changes": [], "intervened_code": []}
     for i in range(b):
-        p0 = probs_of(codes[i])
-        start = int(p0.argmax())
+        start = int(logp_of(codes[i]).argmax())
         t = int(target[i])
 
-        def judge(p):
+        def judge(lp):
             if t < 0:
-                return math.log1p(-min(float(p[start]), 1 - 1e-7)), int(p.argmax()) != start
-            return math.log(max(float(p[t]), 1e-30)), int(p.argmax()) == t
+                others = torch.cat([lp[:start], lp[start + 1:]])
+                return float(others.logsumexp(0)), int(lp.argmax()) != start
+            return float(lp[t]), int(lp.argmax()) == t
 
         if t >= 0 and start == t:
             out["num_changes"].append(0), out["success"].append(True), out["changes"].append([])
@@ -974,7 +980,7 @@ def search_loop(explainer: InterventionExplainer, codes: torch.Tensor, target: t
                         if key in seen:
                             continue
                         seen.add(key)
-                        score, ok = judge(probs_of(new))
+                        score, ok = judge(logp_of(new))
                         cands.append((score, ok, new, path + [var]))
             if not cands:
                 break
