@@ -26,18 +26,18 @@ def _small(**kw) -> InterventionConfig:
 
 @pytest.fixture(scope="module")
 def digits():
-    train = load_dataset("digits", "train", image_size=28, limit=400)
-    test = load_dataset("digits", "test", image_size=28, limit=200)
+    train = load_dataset("digits", "train", image_size=28, limit=320)
+    test = load_dataset("digits", "test", image_size=28, limit=160)
     return train, test
 
 
 @pytest.fixture(scope="module")
 def trained(digits):
-    """The whole pipeline, reduced: the built-in classifier and the explainer trained on 400 digits."""
+    """The whole pipeline, reduced: the built-in classifier and the explainer trained on 320 digits."""
     train, _ = digits
     torch.manual_seed(0)
-    cfg = default_config("digits", classifier_epochs=4, epochs=25, generator_epochs=8, batch_size=64,
-                         n_samples=8)
+    cfg = default_config("digits", classifier_epochs=4, epochs=25, generator_epochs=6, batch_size=64,
+                         hidden=128, generator_channels=8, n_samples=8)
     exp = InterventionExplainer(cfg)
     loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(0))
@@ -48,10 +48,10 @@ def trained(digits):
 def test_pipeline_beats_chance_and_round_trips(trained, digits, tmp_path):
     exp, history = trained
     _, test = digits
-    assert len(history["loss"]) == 25 and len(history["generator_bce"]) == 8
+    assert len(history["loss"]) == 25 and len(history["generator_bce"]) == 6
     assert history["tau"][-1] == pytest.approx(exp.config.tau_end)
     assert bool(exp.classifier_ready) and bool(exp.trained)
-    loader = DataLoader(test, batch_size=100)
+    loader = DataLoader(test, batch_size=80)
     m = exp.evaluate(loader, progress=False)
     assert set(m) == {"fidelity", "flip_within_3", "mean_changes", "recon_mse"}
     x = test.tensors[0]
@@ -138,7 +138,7 @@ def test_search_is_exact_up_to_two_changes():
     with torch.no_grad():
         _, _, code = exp.encode(x)
         start = exp.search(code, torch.full((10,), -1))["start_class"]
-        for t in range(10):
+        for t in (0, 3, 6, 9):
             target = torch.full((10,), t)
             ours = exp.search(code, target)
             for i in range(10):

@@ -153,7 +153,7 @@ class InterventionConfig:
 def default_config(data: str, **overrides) -> InterventionConfig:
     """The tuned config for "digits" (at image_size 28), "mnist" and "fashion-mnist"."""
     presets = {
-        "digits": dict(classifier_epochs=12, epochs=150, generator_epochs=40, batch_size=64),
+        "digits": dict(classifier_epochs=10, epochs=60, generator_epochs=20, batch_size=64),
         "mnist": dict(classifier_epochs=2, epochs=15, generator_epochs=3),
         "fashion-mnist": dict(classifier_epochs=2, epochs=15, generator_epochs=3),
     }
