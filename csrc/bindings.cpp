@@ -44,6 +44,13 @@ TORCH_LIBRARY(lfi_fast, m) {
   m.def("dist0_backward(Tensor grad, Tensor x, Tensor c, bool needs_grad_c) -> (Tensor, Tensor)");
   m.def("pairwise_dist(Tensor x, Tensor y, Tensor c) -> Tensor");
   m.def("pairwise_dist_backward(Tensor grad, Tensor x, Tensor y, Tensor c, bool needs_grad_c) -> (Tensor, Tensor, Tensor)");
+  // ---- gumbel (Gumbel-softmax with forced rows; single-variable interventions) ----
+  // logits (rows, K); mask (rows,) bool and targets (rows,) int64 force rows to one-hot; noise
+  // (rows, K) replaces the Philox noise of (seed, offset) (element (row, k) is number row*K4 + k).
+  m.def("gumbel_softmax(Tensor logits, Tensor? mask, Tensor? targets, Tensor? noise, float tau, bool hard, int seed, int offset) -> Tensor");
+  m.def("gumbel_softmax_backward(Tensor grad, Tensor logits, Tensor out, Tensor? mask, Tensor? noise, float tau, bool hard, int seed, int offset) -> Tensor");
+  m.def("single_interventions(Tensor codes, int num_categories) -> Tensor");
+  m.def("single_intervention_one_hot(Tensor codes, int num_categories, ScalarType dtype) -> Tensor");
 }
 
 namespace {

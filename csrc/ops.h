@@ -13,6 +13,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 
 namespace lfi_fast {
@@ -67,6 +68,20 @@ at::Tensor dist0_cuda(const at::Tensor& x, const at::Tensor& c);
 std::tuple<at::Tensor, at::Tensor> dist0_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& c, bool needs_grad_c);
 at::Tensor pairwise_dist_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& c);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_dist_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& c, bool needs_grad_c);
+#endif
+
+// ---- gumbel: Gumbel-softmax sampling with forced rows; single-variable interventions ------------
+// logits (rows, K); mask/targets (rows,) or none; noise (rows, K) or none (then Philox (seed,
+// offset)). The backward returns the logits' gradient (none for forced rows).
+at::Tensor gumbel_softmax_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& noise, double tau, bool hard, int64_t seed, int64_t offset);
+at::Tensor gumbel_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& out, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& noise, double tau, bool hard, int64_t seed, int64_t offset);
+at::Tensor single_interventions_cpu(const at::Tensor& codes, int64_t num_categories);
+at::Tensor single_intervention_one_hot_cpu(const at::Tensor& codes, int64_t num_categories, at::ScalarType dtype);
+#ifdef LFI_FAST_WITH_CUDA
+at::Tensor gumbel_softmax_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& noise, double tau, bool hard, int64_t seed, int64_t offset);
+at::Tensor gumbel_softmax_backward_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& out, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& noise, double tau, bool hard, int64_t seed, int64_t offset);
+at::Tensor single_interventions_cuda(const at::Tensor& codes, int64_t num_categories);
+at::Tensor single_intervention_one_hot_cuda(const at::Tensor& codes, int64_t num_categories, at::ScalarType dtype);
 #endif
 
 }  // namespace lfi_fast
