@@ -307,3 +307,11 @@ def test_bad_input(tmp_path):
     (path / base.CONFIG_FILE).write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="saved by method 'flint'"):
         InterventionExplainer.load(path)
+
+
+def test_empty_batch():
+    torch.manual_seed(0)
+    exp = InterventionExplainer(_small())
+    r = exp.explain(torch.rand(0, 1, 28, 28))
+    assert len(r) == 0 and r.probs.shape == (0, 4, 10) and r.records() == []
+    assert r.reconstruction.shape == (0, 1, 28, 28)

@@ -427,7 +427,7 @@ class InterventionExplainer(Explainer):
     # ---- the pieces ----
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """φ_K(x), flattened: (B, D)."""
-        return self.split.head(x).reshape(x.shape[0], -1)
+        return self.split.head(x).reshape(x.shape[0], self.feature_dim)
 
     def classify_features(self, h: torch.Tensor) -> torch.Tensor:
         """f_K(h) for flattened features h (..., D): class scores (..., C)."""
