@@ -154,8 +154,8 @@ def default_config(data: str, **overrides) -> InterventionConfig:
     """The tuned config for "digits" (at image_size 28), "mnist" and "fashion-mnist"."""
     presets = {
         "digits": dict(classifier_epochs=10, epochs=60, generator_epochs=20, batch_size=64),
-        "mnist": dict(classifier_epochs=2, epochs=15, generator_epochs=3),
-        "fashion-mnist": dict(classifier_epochs=2, epochs=15, generator_epochs=3),
+        "mnist": dict(classifier_epochs=1, epochs=8, generator_epochs=2),
+        "fashion-mnist": dict(classifier_epochs=2, epochs=8, generator_epochs=2),
     }
     if data not in presets:
         raise ValueError(f"data must be one of {', '.join(presets)} (got {data!r})")
