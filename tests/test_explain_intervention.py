@@ -36,8 +36,8 @@ def trained(digits):
     """The whole pipeline, reduced: the built-in classifier and the explainer trained on 320 digits."""
     train, _ = digits
     torch.manual_seed(0)
-    cfg = default_config("digits", classifier_epochs=4, epochs=25, generator_epochs=6, batch_size=64,
-                         hidden=128, generator_channels=8, n_samples=8)
+    cfg = default_config("digits", classifier_epochs=4, epochs=25, generator_epochs=15, batch_size=64,
+                         hidden=128, generator_channels=16, n_samples=8)
     exp = InterventionExplainer(cfg)
     loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(0))
@@ -48,7 +48,7 @@ def trained(digits):
 def test_pipeline_beats_chance_and_round_trips(trained, digits, tmp_path):
     exp, history = trained
     _, test = digits
-    assert len(history["loss"]) == 25 and len(history["generator_bce"]) == 6
+    assert len(history["loss"]) == 25 and len(history["generator_bce"]) == 15
     assert history["tau"][-1] == pytest.approx(exp.config.tau_end)
     assert bool(exp.classifier_ready) and bool(exp.trained)
     loader = DataLoader(test, batch_size=80)
