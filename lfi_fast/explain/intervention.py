@@ -354,7 +354,8 @@ class ConceptReport(Explanation):
         fig, axes = plt.subplots(1, 2, figsize=(2.2 + 0.45 * c * 2, 1.5 + 0.22 * v), squeeze=False)
         for ax, mat, title in ((axes[0, 0], self.class_change_rate, "class changes when v changes\n(by starting class)"),
                                (axes[0, 1], self.destination, "where the changes of v lead\n(by new class)")):
-            im = ax.imshow(mat[:v].float().cpu(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+            mat = mat[:v].float().cpu()
+            im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0, vmax=max(float(mat.max()), 1e-6))
             ax.set_xticks(range(c)), ax.set_xlabel("class")
             ax.set_yticks(range(v)), ax.set_yticklabels([f"v{i}" for i in range(v)], fontsize=6)
             ax.set_title(title, fontsize=9)
