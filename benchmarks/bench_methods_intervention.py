@@ -5,7 +5,7 @@ over inputs, beam entries and candidate interventions (search_loop: one decode a
 candidate), the anchor.
 
 Both search the same codes of the same explainer (default MNIST config: SmallCNN split at relu3,
-V = 32 binary variables; random weights: the work per search does not depend on training) for
+V = 16 binary variables; random weights: the work per search does not depend on training) for
 "any other class", beam 8, at most 3 changes. Shape: inputs x variables x categories; searches per
 second = inputs / median time.
 """
