@@ -198,7 +198,7 @@ def test_concepts_count_single_changes(trained, digits):
     assert torch.equal(rep.class_counts, torch.bincount(start, minlength=10))
     torch.testing.assert_close(rep.change_rate, trans.sum((1, 2)).float() / 30)
     assert ((rep.destination.sum(-1) - 1).abs() < 1e-5).logical_or(rep.destination.sum(-1) == 0).all()
-    biased = rep.biased(threshold=0.0)
+    biased = rep.biased(threshold=0.0, ratio=1.0)
     assert [b["bias"] for b in biased] == sorted((b["bias"] for b in biased), reverse=True)
     assert all(b["class_change_rate"] >= b["other_classes_rate"] for b in biased)
     assert len(rep.records()) == v

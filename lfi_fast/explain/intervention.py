@@ -314,7 +314,7 @@ class ConceptReport(Explanation):
     bias: torch.Tensor
     bias_class: torch.Tensor
     num_categories: int = 2
-    bias_threshold: float = 0.25
+    bias_threshold: float = 0.05
 
     def __len__(self) -> int:
         return self.change_rate.shape[0]
@@ -330,16 +330,20 @@ class ConceptReport(Explanation):
                         "bias": round(float(self.bias[v]), 6), "bias_class": int(self.bias_class[v])})
         return out
 
-    def biased(self, threshold: float | None = None) -> list[dict]:
+    def biased(self, threshold: float | None = None, ratio: float = 2.0) -> list[dict]:
         """The bias report: variables whose change moves one class's predictions more than the
-        others' by at least `threshold` (a difference of change rates), most biased first."""
+        others': the change rate of that class exceeds the mean rate of the other classes by at
+        least `threshold` and is at least `ratio` times it. Most biased first."""
         thr = self.bias_threshold if threshold is None else threshold
         order = self.bias.argsort(descending=True).tolist()
-        return [{"variable": v, "class": int(self.bias_class[v]), "bias": round(float(self.bias[v]), 6),
-                 "class_change_rate": round(float(self.class_change_rate[v, self.bias_class[v]]), 6),
-                 "other_classes_rate": round(float(self.class_change_rate[v, self.bias_class[v]]
-                                                   - self.bias[v]), 6)}
-                for v in order if float(self.bias[v]) >= thr]
+        out = []
+        for v in order:
+            top = float(self.class_change_rate[v, self.bias_class[v]])
+            others = top - float(self.bias[v])
+            if float(self.bias[v]) >= thr and top >= ratio * others:
+                out.append({"variable": v, "class": int(self.bias_class[v]), "bias": round(float(self.bias[v]), 6),
+                            "class_change_rate": round(top, 6), "other_classes_rate": round(others, 6)})
+        return out
 
     def plot(self, max_rows: int = 64):
         """Variable x class heatmaps: how often changing v changes the class of inputs of each class
@@ -852,7 +856,7 @@ class InterventionExplainer(Explainer):
                 "mean_changes": changes_sum / succ if succ else float("nan"), "recon_mse": sq / pixels}
 
     @torch.no_grad()
-    def concepts(self, data, *, limit: int | None = None, bias_threshold: float = 0.25,
+    def concepts(self, data, *, limit: int | None = None, bias_threshold: float = 0.05,
                  progress: bool = False) -> ConceptReport:
         """The global view over a loader (or a tensor of images): for every variable, how often a
         single change of it changes f_K's class, from which class to which."""
