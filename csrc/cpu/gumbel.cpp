@@ -7,8 +7,8 @@
 // exponentiated, summed and written (soft) or reduced to its argmax and written as a one-hot
 // (hard: no exp at all). Consecutive rows use consecutive counters, so small rows are generated
 // several at a time. The loops over counters and categories are written so that GCC vectorises
-// them: Philox's 32x32->64 products become vpmuludq, log and exp are polynomial (FreeBSD's logf,
-// Cephes' expf; within 1-2 ulp of libm). They are compiled for AVX-512, AVX2 and the baseline
+// them: Philox's 32x32->64 products become vector multiplies, log and exp are polynomial (Cephes'
+// logf and expf; within 1-2 ulp of libm). They are compiled for AVX-512, AVX2 and the baseline
 // (target_clones) and picked at load time. K = 2 has its own loop across rows: the sample is the
 // logistic of the difference (l1 + g1) - (l0 + g0). float64 computes in double with std::exp/log
 // (the noise itself is float32, as everywhere); half types compute in float32.
@@ -53,17 +53,27 @@ inline uint32_t as_bits(float f) {
   return u;
 }
 
-// log(x) for normal x > 0 (FreeBSD's e_logf.c, < 1 ulp), branch-free so that it vectorises.
+// log(x) for normal x > 0, branch-free and without a division, so that it vectorises: x = 2^k m
+// with m in [sqrt(1/2), sqrt(2)) (musl's reduction), log(m) = log1p(f) by Cephes' logf polynomial
+// (~1 ulp; a division-based series costs twice as much in AVX-512 divides).
 inline float log_poly(float x) {
-  uint32_t ix = as_bits(x) + (0x3f800000u - 0x3f3504f3u);  // mantissa into [sqrt(1/2), sqrt(2))
+  const uint32_t ix = as_bits(x) + (0x3f800000u - 0x3f3504f3u);
   const float k = static_cast<float>(static_cast<int32_t>(ix >> 23) - 0x7f);
   const float f = as_float((ix & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
-  const float s = f / (2.0f + f);
-  const float z = s * s, w = z * z;
-  const float t1 = w * (0.40000972152f + w * 0.24279078841f);
-  const float t2 = z * (0.66666662693f + w * 0.28498786688f);
-  const float hfsq = 0.5f * f * f;
-  return s * (hfsq + t1 + t2) + k * 9.0580006145e-06f - hfsq + f + k * 6.9313812256e-01f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y += -2.12194440e-4f * k;
+  y += -0.5f * z;
+  return f + y + 0.693359375f * k;
 }
 
 // exp(x) for x <= 0 (Cephes' expf polynomial, ~1 ulp); exactly 0 below -87.3 (and for -inf).
@@ -470,17 +480,25 @@ void backward_kernel(const Tensor& grad, const Tensor& logits, const Tensor& out
       std::fill(o, o + k, scalar_t(0));
       return;
     }
-    for (int64_t i = 0; i < k; ++i) go[i] = static_cast<acc_t>(gp[r * k + i]);
-    softmax_grad(y, go.data(), gi.data(), k, inv_tau);
-    for (int64_t i = 0; i < k; ++i) o[i] = static_cast<scalar_t>(gi[i]);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {  // straight from and to the tensors
+      softmax_grad(y, gp + r * k, o, k, inv_tau);
+    } else {
+      for (int64_t i = 0; i < k; ++i) go[i] = static_cast<acc_t>(gp[r * k + i]);
+      softmax_grad(y, go.data(), gi.data(), k, inv_tau);
+      for (int64_t i = 0; i < k; ++i) o[i] = static_cast<scalar_t>(gi[i]);
+    }
   };
 
   at::parallel_for(0, rows, grain_rows(k), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> go(k), gi(k), y(k);
     if (!hard) {  // the softmax backward from the saved sample
       for (int64_t r = begin; r < end; ++r) {
-        for (int64_t i = 0; i < k; ++i) y[i] = static_cast<acc_t>(yp[r * k + i]);
-        row_grad(r, y.data(), go, gi);
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          row_grad(r, yp + r * k, go, gi);
+        } else {
+          for (int64_t i = 0; i < k; ++i) y[i] = static_cast<acc_t>(yp[r * k + i]);
+          row_grad(r, y.data(), go, gi);
+        }
       }
       return;
     }
