@@ -11,11 +11,11 @@ round of 2 steps; full mode the published 12 rounds x 50 steps.
 Bytes moved (for the CSV's GB/s column only; AM+PI is compute-bound): the input images read and the
 optimised images written.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import nbytes
 
 N_INPUTS, N_ATTRS = 10, 3
@@ -29,7 +29,7 @@ def _setup(device, quick):
     x = torch.rand(N_INPUTS, 1, 28, 28, generator=torch.Generator().manual_seed(1)).to(device)
     pairs = x.repeat_interleave(N_ATTRS, 0)
     attrs = torch.arange(N_INPUTS * N_ATTRS, device=device) % exp.config.n_attributes
-    kw = dict(rounds=1, steps=2) if quick else dict(rounds=12, steps=50)
+    kw = {"rounds": 1, "steps": 2} if quick else {"rounds": 12, "steps": 50}
     return exp, pairs, attrs, kw
 
 
@@ -37,11 +37,22 @@ def _setup(device, quick):
 def test_am_pi(measure, device, quick, provider):
     exp, pairs, attrs, kw = _setup(device, quick)
     if provider == "sequential-loop":
+
         def run():
-            return [exp.am_pi(pairs[i:i + 1], attrs[i:i + 1], **kw) for i in range(len(pairs))]
+            return [exp.am_pi(pairs[i : i + 1], attrs[i : i + 1], **kw) for i in range(len(pairs))]
     else:
+
         def run():
             return exp.am_pi(pairs, attrs, **kw)
-    measure(run, op="am_pi", provider=provider, anchor="sequential-loop", mode="full",
-            shape=(N_INPUTS, N_ATTRS, 1, 28, 28), dtype=pairs.dtype,
-            bytes_read=nbytes(pairs), bytes_written=nbytes(pairs))
+
+    measure(
+        run,
+        op="am_pi",
+        provider=provider,
+        anchor="sequential-loop",
+        mode="full",
+        shape=(N_INPUTS, N_ATTRS, 1, 28, 28),
+        dtype=pairs.dtype,
+        bytes_read=nbytes(pairs),
+        bytes_written=nbytes(pairs),
+    )

@@ -1,6 +1,7 @@
 """FLINT interpreter (lfi_fast.explain.flint): the reduced pipeline on digits (fit, evaluate,
 explain, report, save/load), the maths (relevance, CNS, conciseness loss), batched AM+PI against
 the one-pair-at-a-time loop, hooks on any module (several taps, post-hoc mode), and bad input."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +18,18 @@ from lfi_fast.data import load_dataset
 from lfi_fast.explain import flint
 from lfi_fast.explain.flint import FlintConfig, FlintInterpreter, default_config
 
-KEYS = {"accuracy_f", "accuracy_g", "fidelity", "cns_1.5", "cns_2", "cns_2.5", "cns_3", "cns_4", "cns_5"}
-FAST_AM = dict(am_rounds=2, am_steps=4)
+KEYS = {
+    "accuracy_f",
+    "accuracy_g",
+    "fidelity",
+    "cns_1.5",
+    "cns_2",
+    "cns_2.5",
+    "cns_3",
+    "cns_4",
+    "cns_5",
+}
+FAST_AM = {"am_rounds": 2, "am_steps": 4}
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +44,14 @@ def trained(digits):
     """A short run on 400 digits, 2 x 50 steps (the reduced version of the recorded MNIST run)."""
     torch.manual_seed(0)
     tr, _ = digits
-    cfg = default_config("digits", epochs=2, batch_size=8, lr=3e-3, beta_from=1, eta_from=2, delta_from=2, **FAST_AM)
+    cfg = default_config(
+        "digits", epochs=2, batch_size=8, lr=3e-3, beta_from=1, eta_from=2, delta_from=2, **FAST_AM
+    )
     exp = FlintInterpreter(cfg)
-    hist = exp.fit(DataLoader(tr, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0)),
-                   progress=False)
+    hist = exp.fit(
+        DataLoader(tr, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0)),
+        progress=False,
+    )
     return exp, hist
 
 
@@ -44,7 +59,9 @@ def test_pipeline_beats_chance_and_round_trips(trained, digits, tmp_path):
     exp, hist = trained
     _, te = digits
     assert len(hist["loss"]) == 2 and all(math.isfinite(v) for v in hist["loss"])
-    assert hist["conciseness"][0] == 0.0 and hist["conciseness"][1] != 0.0  # delta switched on at epoch 2
+    assert (
+        hist["conciseness"][0] == 0.0 and hist["conciseness"][1] != 0.0
+    )  # delta switched on at epoch 2
     assert bool(exp.classifier_ready)
     m = exp.evaluate(DataLoader(te, batch_size=100), progress=False)
     assert set(m) == KEYS
@@ -71,7 +88,7 @@ def test_pipeline_beats_chance_and_round_trips(trained, digits, tmp_path):
 def test_explain_fields_and_batch_independence(trained, digits):
     exp, _ = trained
     x = digits[1].tensors[0][:4]
-    res = exp.explain(x, n_visualize=2, **{"rounds": 2, "steps": 3})
+    res = exp.explain(x, n_visualize=2, rounds=2, steps=3)
     B, J = 4, exp.config.n_attributes
     assert res.attributes.shape == (B, J) and res.relevance.shape == (B, J)
     assert res.top_attributes.shape == (B, 3) and res.am_pi.shape == (B, 2, 1, 28, 28)
@@ -83,7 +100,9 @@ def test_explain_fields_and_batch_independence(trained, digits):
     h1 = exp.explain(x[:2], index=torch.arange(2), n_visualize=2, rounds=2, steps=3)
     h2 = exp.explain(x[2:], index=torch.arange(2, 4), n_visualize=2, rounds=2, steps=3)
     for k, v in res.tensors().items():
-        torch.testing.assert_close(torch.cat([h1.tensors()[k], h2.tensors()[k]]), v, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.cat([h1.tensors()[k], h2.tensors()[k]]), v, atol=1e-5, rtol=1e-5
+        )
     # an explicit target changes what the relevance is computed for
     other = (res.prediction_g + 1) % 10
     res2 = exp.explain(x, target=other)
@@ -98,9 +117,14 @@ def test_explain_fields_and_batch_independence(trained, digits):
 
 def test_report_writes_figures(trained, digits, tmp_path):
     exp, _ = trained
-    paths = exp.report(DataLoader(digits[1], batch_size=100), tmp_path, limit=120, n_local=2, rounds=1, steps=2)
-    assert [p.name for p in paths] == ["flint_class_attributes.png", "flint_global_relevance.png",
-                                       "flint_local_explanation.png"]
+    paths = exp.report(
+        DataLoader(digits[1], batch_size=100), tmp_path, limit=120, n_local=2, rounds=1, steps=2
+    )
+    assert [p.name for p in paths] == [
+        "flint_class_attributes.png",
+        "flint_global_relevance.png",
+        "flint_local_explanation.png",
+    ]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
 
@@ -111,18 +135,24 @@ def test_am_pi_batched_equals_one_pair_at_a_time():
     x = torch.rand(3, 1, 28, 28)
     pairs_x = x.repeat_interleave(2, 0)
     attrs = torch.tensor([0, 5, 2, 3, 1, 4])
-    kw = dict(rounds=2, steps=3)
+    kw = {"rounds": 2, "steps": 3}
     batched = exp.am_pi(pairs_x, attrs, **kw)
-    single = torch.cat([exp.am_pi(pairs_x[i:i + 1], attrs[i:i + 1], **kw) for i in range(6)])
+    single = torch.cat([exp.am_pi(pairs_x[i : i + 1], attrs[i : i + 1], **kw) for i in range(6)])
     # equal up to float32 rounding (batched convolutions sum in another order)
     torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
+
     # it maximises: the objective (activation - penalties) rises from the partial initialisation
     def objective(imgs):
         with torch.no_grad():
             phi = exp.attributes(imgs)[torch.arange(6), attrs]
         c = exp.config
         outside = ((imgs > 1) | (imgs < 0)).float() * imgs.abs()
-        return c.am_weight * phi - c.am_bound * outside.flatten(1).mean(1) - c.am_tv * flint.total_variation(imgs)
+        return (
+            c.am_weight * phi
+            - c.am_bound * outside.flatten(1).mean(1)
+            - c.am_tv * flint.total_variation(imgs)
+        )
+
     assert (objective(batched) > objective(0.3 * pairs_x)).all()
     assert not any(p.grad is not None for p in exp.parameters())  # only the images get gradients
     assert exp.am_pi(pairs_x[:0], attrs[:0], **kw).shape == (0, 1, 28, 28)
@@ -157,8 +187,15 @@ class TwoTapNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.body = nn.Sequential(OrderedDict([("conv", nn.Conv2d(1, 4, 3, padding=1)), ("act", nn.ReLU()),
-                                               ("pool", nn.MaxPool2d(4))]))
+        self.body = nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv", nn.Conv2d(1, 4, 3, padding=1)),
+                    ("act", nn.ReLU()),
+                    ("pool", nn.MaxPool2d(4)),
+                ]
+            )
+        )
         self.dense = nn.Linear(4 * 7 * 7, 16)
         self.head = nn.Linear(16, 10)
         self.head_calls = 0
@@ -172,8 +209,18 @@ class TwoTapNet(nn.Module):
 def test_hooks_on_any_module_several_taps_post_hoc():
     torch.manual_seed(2)
     net = TwoTapNet()
-    cfg = FlintConfig(classifier="module:unused", tap_layers=["body.pool", "dense"], n_attributes=5, post_hoc=True,
-                      epochs=1, batch_size=8, lr=1e-3, beta_from=1, eta_from=1, delta_from=1)
+    cfg = FlintConfig(
+        classifier="module:unused",
+        tap_layers=["body.pool", "dense"],
+        n_attributes=5,
+        post_hoc=True,
+        epochs=1,
+        batch_size=8,
+        lr=1e-3,
+        beta_from=1,
+        eta_from=1,
+        delta_from=1,
+    )
     exp = FlintInterpreter(cfg, classifier=net)
     assert bool(exp.classifier_ready) and len(exp.psi.branches) == 2
     x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
@@ -210,8 +257,12 @@ def test_bad_input():
     with pytest.raises(ValueError, match="tap_layers must be a non-empty list"):
         FlintInterpreter(FlintConfig(tap_layers=[]))
     with pytest.raises(ValueError, match="num_classes=7"):
-        FlintInterpreter(FlintConfig(num_classes=7), classifier=nn.Sequential(OrderedDict(
-            [("tap", nn.Flatten()), ("fc", nn.Linear(784, 10))])))
+        FlintInterpreter(
+            FlintConfig(num_classes=7),
+            classifier=nn.Sequential(
+                OrderedDict([("tap", nn.Flatten()), ("fc", nn.Linear(784, 10))])
+            ),
+        )
     with pytest.raises(ValueError, match="unknown FlintConfig fields"):
         default_config("mnist", J=3)
     with pytest.raises(ValueError, match="data must be one of"):
@@ -220,8 +271,13 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"inputs must be \(N, 1, 28, 28\)"):
         exp.explain(torch.rand(2, 1, 32, 32))
     with pytest.raises(ValueError, match=r"inputs must be \(N, 1, 28, 28\)"):
-        exp.fit(DataLoader(TensorDataset(torch.rand(4, 3, 28, 28), torch.zeros(4, dtype=torch.long)), batch_size=2),
-                progress=False)
+        exp.fit(
+            DataLoader(
+                TensorDataset(torch.rand(4, 3, 28, 28), torch.zeros(4, dtype=torch.long)),
+                batch_size=2,
+            ),
+            progress=False,
+        )
     with pytest.raises(ValueError, match="inputs must be finite"):
         exp.explain(torch.full((1, 1, 28, 28), float("nan")))
     with pytest.raises(ValueError, match="target out of range"):
@@ -233,11 +289,16 @@ def test_bad_input():
     with pytest.raises(ValueError, match="unknown AM\\+PI options"):
         exp.am_pi(torch.rand(1, 1, 28, 28), torch.tensor([0]), step=3)
     with pytest.raises(ValueError, match="labels must be in"):
-        exp.fit(DataLoader(TensorDataset(torch.rand(4, 1, 28, 28), torch.full((4,), 12)), batch_size=2), progress=False)
+        exp.fit(
+            DataLoader(TensorDataset(torch.rand(4, 1, 28, 28), torch.full((4,), 12)), batch_size=2),
+            progress=False,
+        )
 
 
 def test_config_is_json_round_trippable():
     cfg = default_config("mnist")
     doc = json.loads(json.dumps(dataclasses.asdict(cfg)))
     assert FlintConfig(**doc) == cfg
-    assert FlintConfig().batch_size == 16 and FlintConfig().lr == 1e-4 and FlintConfig().epochs == 12  # published
+    assert (
+        FlintConfig().batch_size == 16 and FlintConfig().lr == 1e-4 and FlintConfig().epochs == 12
+    )  # published

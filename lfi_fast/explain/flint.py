@@ -34,14 +34,16 @@ Interpretation:
 
     python -m lfi_fast.explain.flint --data mnist --out results/flint      # the recorded full run
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +52,7 @@ from torch import nn
 from .. import models
 from .base import Explainer, Explanation, check_images, check_positive_int, get_layer, progress_bar
 
-__all__ = ["FlintConfig", "FlintInterpreter", "FlintResult", "default_config", "TAUS", "am_pi"]
+__all__ = ["TAUS", "FlintConfig", "FlintInterpreter", "FlintResult", "am_pi", "default_config"]
 
 METHOD = "flint"
 TAUS = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
@@ -70,33 +72,33 @@ class FlintConfig:
     num_classes: int = 10
     # hidden layers of f the attribute functions read (forward hooks; several allowed)
     tap_layers: list = field(default_factory=lambda: ["tap"])
-    n_attributes: int = 25          # J
-    psi_channels: int = 64          # Psi: conv 3x3 (C_tap -> 64), LeakyReLU, avg-pool to 3x3, linear -> J
+    n_attributes: int = 25  # J
+    psi_channels: int = 64  # Psi: conv 3x3 (C_tap -> 64), LeakyReLU, avg-pool to 3x3, linear -> J
     psi_pool: int = 3
-    post_hoc: bool = False          # True: f frozen (trained first if not ready), no CE term
+    post_hoc: bool = False  # True: f frozen (trained first if not ready), no CE term
     epochs: int = 12
     batch_size: int = 16
     lr: float = 1e-4
-    beta: float = 0.5               # output fidelity
-    beta_from: int = 3              # first epoch (1-based) the weight is on
-    gamma: float = 0.8              # input fidelity
+    beta: float = 0.5  # output fidelity
+    beta_from: int = 3  # first epoch (1-based) the weight is on
+    gamma: float = 0.8  # input fidelity
     gamma_from: int = 1
-    delta: float = 0.2              # conciseness (entropy)
+    delta: float = 0.2  # conciseness (entropy)
     delta_from: int = 5
-    eta: float = 0.1                # L1 of Phi
+    eta: float = 0.1  # L1 of Phi
     eta_from: int = 3
-    classifier_epochs: int = 3      # post-hoc only: training of an f that is not ready
+    classifier_epochs: int = 3  # post-hoc only: training of an f that is not ready
     classifier_lr: float = 1e-3
-    seed: int = 0                   # shuffling of the training data in fit()
+    seed: int = 0  # shuffling of the training data in fit()
     # interpretation
     relevance_threshold: float = 0.1  # a class's relevant attributes: global relevance above this
-    am_rounds: int = 12             # AM+PI: rounds of a fresh Adam, lr halved each round
-    am_steps: int = 50              # steps per round
+    am_rounds: int = 12  # AM+PI: rounds of a fresh Adam, lr halved each round
+    am_steps: int = 50  # steps per round
     am_lr: float = 0.05
-    am_init: float = 0.3            # partial initialisation: am_init * input
-    am_weight: float = 2.0          # weight of the attribute's activation
-    am_tv: float = 6.0              # total-variation penalty
-    am_bound: float = 10.0          # penalty on pixels outside [am_min, am_max]
+    am_init: float = 0.3  # partial initialisation: am_init * input
+    am_weight: float = 2.0  # weight of the attribute's activation
+    am_tv: float = 6.0  # total-variation penalty
+    am_bound: float = 10.0  # penalty on pixels outside [am_min, am_max]
     am_min: float = 0.0
     am_max: float = 1.0
 
@@ -111,9 +113,13 @@ def default_config(data: str = "mnist", **overrides) -> FlintConfig:
     epoch 2 (results/flint/README.md records what it reached and how long it took). digits (1,437
     training images) uses smaller batches and more epochs."""
     if data in ("mnist", "fashion-mnist"):
-        cfg = FlintConfig(epochs=3, batch_size=128, lr=2e-3, beta_from=1, gamma_from=1, eta_from=2, delta_from=2)
+        cfg = FlintConfig(
+            epochs=3, batch_size=128, lr=2e-3, beta_from=1, gamma_from=1, eta_from=2, delta_from=2
+        )
     elif data == "digits":
-        cfg = FlintConfig(epochs=30, batch_size=16, lr=1e-3, beta_from=2, gamma_from=1, eta_from=3, delta_from=4)
+        cfg = FlintConfig(
+            epochs=30, batch_size=16, lr=1e-3, beta_from=2, gamma_from=1, eta_from=3, delta_from=4
+        )
     else:
         raise ValueError(f"data must be one of 'digits', 'mnist', 'fashion-mnist' (got {data!r})")
     fields = {f.name for f in dataclasses.fields(FlintConfig)}
@@ -125,6 +131,7 @@ def default_config(data: str = "mnist", **overrides) -> FlintConfig:
 
 # ---- hooks on named layers -----------------------------------------------------------------------
 
+
 class _StopForward(Exception):
     """Raised by the last tap's hook when the rest of f's forward is not needed."""
 
@@ -134,7 +141,9 @@ def _logits(out: Any) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         out = out[0]
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"classifier must return a tensor of class scores (got {type(out).__name__})")
+        raise TypeError(
+            f"classifier must return a tensor of class scores (got {type(out).__name__})"
+        )
     return out
 
 
@@ -147,7 +156,9 @@ def run_taps(model: nn.Module, names: Sequence[str], x: torch.Tensor, *, stop: b
     def make(name):
         def hook(_m, _i, o):
             if not isinstance(o, torch.Tensor):
-                raise TypeError(f"tap_layers: layer {name!r} returns {type(o).__name__}, not a tensor")
+                raise TypeError(
+                    f"tap_layers: layer {name!r} returns {type(o).__name__}, not a tensor"
+                )
             out[name] = o
             if stop and len(out) == len(names):
                 raise _StopForward
@@ -166,29 +177,46 @@ def run_taps(model: nn.Module, names: Sequence[str], x: torch.Tensor, *, stop: b
             h.remove()
     missing = [n for n in names if n not in out]
     if missing:
-        raise ValueError(f"tap_layers: layer(s) {missing} were not called in the classifier's forward")
+        raise ValueError(
+            f"tap_layers: layer(s) {missing} were not called in the classifier's forward"
+        )
     return (None if y is None else _logits(y)), [out[n] for n in names]
 
 
 # ---- sub-networks --------------------------------------------------------------------------------
 
+
 class AttributeNet(nn.Module):
     """Phi: one branch per tapped layer (4-D: conv 3x3 -> LeakyReLU -> adaptive avg-pool to
     pool x pool; 2-D: linear -> LeakyReLU), concatenated, then linear -> J and LeakyReLU."""
 
-    def __init__(self, tap_shapes: Sequence[tuple[int, ...]], n_attributes: int, channels: int = 64, pool: int = 3):
+    def __init__(
+        self,
+        tap_shapes: Sequence[tuple[int, ...]],
+        n_attributes: int,
+        channels: int = 64,
+        pool: int = 3,
+    ):
         super().__init__()
         self.branches = nn.ModuleList()
         width = channels * pool * pool
         for shape in tap_shapes:
             if len(shape) == 3:
-                self.branches.append(nn.Sequential(nn.Conv2d(shape[0], channels, 3, padding=1), nn.LeakyReLU(),
-                                                   nn.AdaptiveAvgPool2d(pool), nn.Flatten()))
+                self.branches.append(
+                    nn.Sequential(
+                        nn.Conv2d(shape[0], channels, 3, padding=1),
+                        nn.LeakyReLU(),
+                        nn.AdaptiveAvgPool2d(pool),
+                        nn.Flatten(),
+                    )
+                )
             elif len(shape) == 1:
                 self.branches.append(nn.Sequential(nn.Linear(shape[0], width), nn.LeakyReLU()))
             else:
-                raise ValueError(f"tap_layers: a tapped layer must give (N, C, H, W) or (N, D) outputs "
-                                 f"(got per-example shape {tuple(shape)})")
+                raise ValueError(
+                    f"tap_layers: a tapped layer must give (N, C, H, W) or (N, D) outputs "
+                    f"(got per-example shape {tuple(shape)})"
+                )
         self.fc = nn.Linear(width * len(tap_shapes), n_attributes)
         self.act = nn.LeakyReLU()
 
@@ -219,6 +247,7 @@ class Decoder(nn.Module):
 
 # ---- losses and interpretation maths -------------------------------------------------------------
 
+
 def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
     """Cross-entropy between softmax(target_logits) (the target distribution) and softmax(logits)."""
     return -(F.softmax(target_logits, dim=1) * F.log_softmax(logits, dim=1)).sum(1).mean()
@@ -240,13 +269,21 @@ def local_relevance(phi: torch.Tensor, weight: torch.Tensor, target: torch.Tenso
     """r_{j,x} = phi_j(x) w_{j,c} / max_i |phi_i(x) w_{i,c}| (0 where every product is 0)."""
     contrib = phi * weight[target]
     scale = contrib.abs().amax(dim=1, keepdim=True)
-    return torch.where(scale > 0, contrib / scale.clamp_min(torch.finfo(contrib.dtype).tiny), torch.zeros_like(contrib))
+    return torch.where(
+        scale > 0,
+        contrib / scale.clamp_min(torch.finfo(contrib.dtype).tiny),
+        torch.zeros_like(contrib),
+    )
 
 
 def conciseness(relevance: torch.Tensor, taus: Sequence[float] = TAUS) -> dict[str, float]:
     """CNS(tau): the mean number of attributes whose relevance exceeds 1/tau."""
-    return {_tau_key(t): float((relevance > 1.0 / t).sum(1).double().mean()) if len(relevance) else float("nan")
-            for t in taus}
+    return {
+        _tau_key(t): float((relevance > 1.0 / t).sum(1).double().mean())
+        if len(relevance)
+        else float("nan")
+        for t in taus
+    }
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -256,9 +293,21 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return dv + dh
 
 
-def am_pi(phi_fn, inputs: torch.Tensor, attributes: torch.Tensor, *, rounds: int = 12, steps: int = 50,
-          lr: float = 0.05, init: float = 0.3, weight: float = 2.0, tv: float = 6.0, bound: float = 10.0,
-          min_value: float = 0.0, max_value: float = 1.0) -> torch.Tensor:
+def am_pi(
+    phi_fn,
+    inputs: torch.Tensor,
+    attributes: torch.Tensor,
+    *,
+    rounds: int = 12,
+    steps: int = 50,
+    lr: float = 0.05,
+    init: float = 0.3,
+    weight: float = 2.0,
+    tv: float = 6.0,
+    bound: float = 10.0,
+    min_value: float = 0.0,
+    max_value: float = 1.0,
+) -> torch.Tensor:
     """Activation maximisation from partial initialisation, for N (input, attribute) pairs at once.
 
     Image b starts at init * inputs[b] and ascends
@@ -269,19 +318,24 @@ def am_pi(phi_fn, inputs: torch.Tensor, attributes: torch.Tensor, *, rounds: int
     attributes (N, J). Only the image gets gradients (torch.autograd.grad), never the networks.
     Returns the optimised images (N, C, H, W), unclipped."""
     if inputs.shape[0] != attributes.shape[0]:
-        raise ValueError(f"attributes must have one entry per input ({attributes.shape[0]} vs {inputs.shape[0]})")
+        raise ValueError(
+            f"attributes must have one entry per input ({attributes.shape[0]} vs {inputs.shape[0]})"
+        )
     x = (init * inputs.detach()).clone().requires_grad_(True)
     if x.shape[0] == 0:
         return x.detach()
     rows = torch.arange(x.shape[0], device=x.device)
     attributes = attributes.to(x.device)
     for r in range(rounds):
-        opt = torch.optim.Adam([x], lr=lr / (2 ** r))
+        opt = torch.optim.Adam([x], lr=lr / (2**r))
         for _ in range(steps):
             phi = phi_fn(x)
             outside = ((x > max_value) | (x < min_value)).to(x.dtype) * x.abs()
-            objective = (weight * phi[rows, attributes] - bound * outside.flatten(1).mean(1)
-                         - tv * total_variation(x))
+            objective = (
+                weight * phi[rows, attributes]
+                - bound * outside.flatten(1).mean(1)
+                - tv * total_variation(x)
+            )
             (grad,) = torch.autograd.grad(-objective.sum(), [x])
             x.grad = grad
             opt.step()
@@ -289,6 +343,7 @@ def am_pi(phi_fn, inputs: torch.Tensor, attributes: torch.Tensor, *, rounds: int
 
 
 # ---- results -------------------------------------------------------------------------------------
+
 
 @dataclass
 class FlintResult(Explanation):
@@ -322,16 +377,22 @@ class FlintResult(Explanation):
         n = min(max_rows, len(self))
         nv = self.am_pi.shape[1]
         cols = 2 + nv
-        fig, axes = plt.subplots(max(n, 1), cols, figsize=(2.2 * cols + 1.0, 2.2 * max(n, 1)), squeeze=False)
+        fig, axes = plt.subplots(
+            max(n, 1), cols, figsize=(2.2 * cols + 1.0, 2.2 * max(n, 1)), squeeze=False
+        )
         for i in range(n):
             ax = axes[i, 0]
             ax.imshow(_img(self.inputs[i]), cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"f: {int(self.prediction_f[i])}  g: {int(self.prediction_g[i])}", fontsize=8)
+            ax.set_title(
+                f"f: {int(self.prediction_f[i])}  g: {int(self.prediction_g[i])}", fontsize=8
+            )
             ax.axis("off")
             ax = axes[i, 1]
             k = self.top_attributes.shape[1]
             ax.bar(range(k), self.top_relevance[i].cpu().numpy(), color="tab:green")
-            ax.set_xticks(range(k), [f"$\\phi_{{{int(j)}}}$" for j in self.top_attributes[i]], fontsize=8)
+            ax.set_xticks(
+                range(k), [f"$\\phi_{{{int(j)}}}$" for j in self.top_attributes[i]], fontsize=8
+            )
             ax.set_ylim(min(0.0, float(self.top_relevance[i].min())), 1.05)
             ax.set_title(f"relevance to class {int(self.target[i])}", fontsize=8)
             for v in range(nv):
@@ -349,6 +410,7 @@ def _img(t: torch.Tensor):
 
 
 # ---- the explainer -------------------------------------------------------------------------------
+
 
 class FlintInterpreter(Explainer):
     """FLINT: predictor f, attribute functions Phi on named hidden layers of f, linear h, decoder d.
@@ -370,9 +432,14 @@ class FlintInterpreter(Explainer):
         check_positive_int(c.batch_size, "batch_size")
         if isinstance(c.tap_layers, str):
             c.tap_layers = [c.tap_layers]
-        if not isinstance(c.tap_layers, (list, tuple)) or not c.tap_layers or \
-                not all(isinstance(n, str) and n for n in c.tap_layers):
-            raise ValueError(f"tap_layers must be a non-empty list of layer names (got {c.tap_layers!r})")
+        if (
+            not isinstance(c.tap_layers, (list, tuple))
+            or not c.tap_layers
+            or not all(isinstance(n, str) and n for n in c.tap_layers)
+        ):
+            raise ValueError(
+                f"tap_layers must be a non-empty list of layer names (got {c.tap_layers!r})"
+            )
         c.tap_layers = list(c.tap_layers)
         if len(set(c.tap_layers)) != len(c.tap_layers):
             raise ValueError(f"tap_layers has duplicates: {c.tap_layers}")
@@ -384,8 +451,12 @@ class FlintInterpreter(Explainer):
         given = classifier is not None
         if classifier is None:
             if c.classifier.startswith("builtin:"):
-                classifier = models.build_model(c.classifier, in_channels=c.in_channels,
-                                                num_classes=c.num_classes, image_size=c.image_size)
+                classifier = models.build_model(
+                    c.classifier,
+                    in_channels=c.in_channels,
+                    num_classes=c.num_classes,
+                    image_size=c.image_size,
+                )
             else:
                 classifier = models.build_model(c.classifier)
         if not isinstance(classifier, nn.Module):
@@ -410,11 +481,17 @@ class FlintInterpreter(Explainer):
         except StopIteration:
             dev = torch.device("cpu")
         with torch.no_grad():
-            y, taps = run_taps(classifier, c.tap_layers, torch.zeros(2, c.in_channels, c.image_size, c.image_size, device=dev))
+            y, taps = run_taps(
+                classifier,
+                c.tap_layers,
+                torch.zeros(2, c.in_channels, c.image_size, c.image_size, device=dev),
+            )
         classifier.train(was)
         if y.dim() != 2 or y.shape[1] != c.num_classes:
-            raise ValueError(f"classifier must output (N, num_classes={c.num_classes}) scores "
-                             f"(got {tuple(y.shape)})")
+            raise ValueError(
+                f"classifier must output (N, num_classes={c.num_classes}) scores "
+                f"(got {tuple(y.shape)})"
+            )
         return [tuple(t.shape[1:]) for t in taps]
 
     def _freeze_classifier(self) -> None:
@@ -446,25 +523,49 @@ class FlintInterpreter(Explainer):
     # ---- training ----
     def _weights(self, epoch: int) -> dict[str, float]:
         c = self.config
-        return {w: getattr(c, w) if epoch >= getattr(c, w + "_from") else 0.0 for w in ("beta", "gamma", "delta", "eta")}
+        return {
+            w: getattr(c, w) if epoch >= getattr(c, w + "_from") else 0.0
+            for w in ("beta", "gamma", "delta", "eta")
+        }
 
-    def fit(self, train_loader, epochs: int | None = None, *, progress: bool = True, callback=None) -> dict:
+    def fit(
+        self, train_loader, epochs: int | None = None, *, progress: bool = True, callback=None
+    ) -> dict:
         """Train (f too unless post_hoc) with the scheduled loss; history: per-epoch means.
         callback(epoch, history), when given, runs after each epoch (e.g. to save a checkpoint)."""
         c = self.config
         epochs = c.epochs if epochs is None else check_positive_int(epochs, "epochs", minimum=0)
         dev = self.device
-        history: dict[str, list] = {k: [] for k in ("loss", "ce", "output_fidelity", "input_fidelity",
-                                                     "conciseness", "l1", "accuracy_f", "fidelity", "seconds")}
+        history: dict[str, list] = {
+            k: []
+            for k in (
+                "loss",
+                "ce",
+                "output_fidelity",
+                "input_fidelity",
+                "conciseness",
+                "l1",
+                "accuracy_f",
+                "fidelity",
+                "seconds",
+            )
+        }
         if c.post_hoc and not bool(self.classifier_ready):
             if not c.classifier.startswith("builtin:"):
-                raise ValueError("post_hoc: the classifier is not trained; give a trained classifier "
-                                 "(classifier=...) or a built-in one to train")
+                raise ValueError(
+                    "post_hoc: the classifier is not trained; give a trained classifier "
+                    "(classifier=...) or a built-in one to train"
+                )
             torch.manual_seed(c.seed)
             t0 = time.perf_counter()
             history["classifier_loss"] = models.train_classifier(
-                self.classifier, train_loader, epochs=c.classifier_epochs, lr=c.classifier_lr, device=dev,
-                progress=progress)
+                self.classifier,
+                train_loader,
+                epochs=c.classifier_epochs,
+                lr=c.classifier_lr,
+                device=dev,
+                progress=progress,
+            )
             history["classifier_seconds"] = time.perf_counter() - t0
             self.classifier_ready.fill_(True)
         if c.post_hoc:
@@ -480,13 +581,20 @@ class FlintInterpreter(Explainer):
             self.train()
             if c.post_hoc:
                 self.classifier.eval()
-            sums = {k: 0.0 for k in ("loss", "ce", "output_fidelity", "input_fidelity", "conciseness", "l1")}
+            sums = {
+                k: 0.0
+                for k in ("loss", "ce", "output_fidelity", "input_fidelity", "conciseness", "l1")
+            }
             agree = correct = n = 0
-            for x, y in progress_bar(train_loader, desc=f"flint epoch {epoch}/{epochs}", disable=not progress):
+            for x, y in progress_bar(
+                train_loader, desc=f"flint epoch {epoch}/{epochs}", disable=not progress
+            ):
                 if not checked:
                     self._check(x)
                     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= c.num_classes):
-                        raise ValueError(f"labels must be in [0, {c.num_classes}) (got {int(y.min())}..{int(y.max())})")
+                        raise ValueError(
+                            f"labels must be in [0, {c.num_classes}) (got {int(y.min())}..{int(y.max())})"
+                        )
                     checked = True
                 x, y = x.to(dev), y.to(dev)
                 if c.post_hoc:
@@ -503,13 +611,21 @@ class FlintInterpreter(Explainer):
                 in_fid = F.mse_loss(self.decoder(phi), x) if w["gamma"] > 0 else zero
                 cd = conciseness_loss(phi) if w["delta"] > 0 else zero
                 l1 = phi.abs().mean()
-                loss = ce + w["beta"] * out_fid + w["gamma"] * in_fid + w["delta"] * cd + w["eta"] * l1
+                loss = (
+                    ce + w["beta"] * out_fid + w["gamma"] * in_fid + w["delta"] * cd + w["eta"] * l1
+                )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 b = len(y)
-                for k, v in (("loss", loss), ("ce", ce), ("output_fidelity", out_fid), ("input_fidelity", in_fid),
-                             ("conciseness", cd), ("l1", l1)):
+                for k, v in (
+                    ("loss", loss),
+                    ("ce", ce),
+                    ("output_fidelity", out_fid),
+                    ("input_fidelity", in_fid),
+                    ("conciseness", cd),
+                    ("l1", l1),
+                ):
                     sums[k] += float(v.detach()) * b
                 pf = logits.argmax(1)
                 correct += int((pf == y).sum())
@@ -530,7 +646,9 @@ class FlintInterpreter(Explainer):
 
     # ---- evaluation ----
     @torch.no_grad()
-    def collect(self, loader, *, limit: int | None = None, keep_images: bool = False, progress: bool = False):
+    def collect(
+        self, loader, *, limit: int | None = None, keep_images: bool = False, progress: bool = False
+    ):
         """phi, f and g logits, labels (and images) over a loader, at most `limit` samples."""
         self.eval()
         dev = self.device
@@ -551,10 +669,21 @@ class FlintInterpreter(Explainer):
                 out["images"].append(x.cpu())
             n += len(y)
         c = self.config
-        empty = {"phi": (0, c.n_attributes), "logits_f": (0, c.num_classes), "logits_g": (0, c.num_classes),
-                 "labels": (0,), "images": (0, c.in_channels, c.image_size, c.image_size)}
-        return {k: (torch.cat(v) if v else torch.zeros(empty[k], dtype=torch.int64 if k == "labels" else torch.float32))
-                for k, v in out.items()}
+        empty = {
+            "phi": (0, c.n_attributes),
+            "logits_f": (0, c.num_classes),
+            "logits_g": (0, c.num_classes),
+            "labels": (0,),
+            "images": (0, c.in_channels, c.image_size, c.image_size),
+        }
+        return {
+            k: (
+                torch.cat(v)
+                if v
+                else torch.zeros(empty[k], dtype=torch.int64 if k == "labels" else torch.float32)
+            )
+            for k, v in out.items()
+        }
 
     def evaluate(self, test_loader, *, progress: bool = True) -> dict[str, float]:
         """accuracy_f, accuracy_g (against the labels), fidelity (g's prediction equals f's), and
@@ -563,8 +692,12 @@ class FlintInterpreter(Explainer):
         pf, pg, y = d["logits_f"].argmax(1), d["logits_g"].argmax(1), d["labels"]
         n = max(len(y), 1)
         rel = local_relevance(d["phi"], self.weight.detach().cpu(), pg)
-        return {"accuracy_f": int((pf == y).sum()) / n, "accuracy_g": int((pg == y).sum()) / n,
-                "fidelity": int((pf == pg).sum()) / n, **conciseness(rel)}
+        return {
+            "accuracy_f": int((pf == y).sum()) / n,
+            "accuracy_g": int((pg == y).sum()) / n,
+            "fidelity": int((pf == pg).sum()) / n,
+            **conciseness(rel),
+        }
 
     # ---- interpretation ----
     def global_relevance(self, phi: torch.Tensor, prediction_g: torch.Tensor) -> torch.Tensor:
@@ -577,7 +710,9 @@ class FlintInterpreter(Explainer):
         return sums / counts
 
     @staticmethod
-    def max_activating(phi: torch.Tensor, labels: torch.Tensor, k: int = 3, num_classes: int | None = None) -> torch.Tensor:
+    def max_activating(
+        phi: torch.Tensor, labels: torch.Tensor, k: int = 3, num_classes: int | None = None
+    ) -> torch.Tensor:
         """(K, k, J) sample positions: per class c and attribute j, the k samples of class c with the
         largest phi_j (-1 where the class has fewer than k samples)."""
         K = int(labels.max()) + 1 if num_classes is None else num_classes
@@ -596,12 +731,25 @@ class FlintInterpreter(Explainer):
         self._check(inputs)
         attributes = torch.as_tensor(attributes, dtype=torch.int64)
         if attributes.dim() != 1 or attributes.shape[0] != inputs.shape[0]:
-            raise ValueError(f"attributes must be (N,) with N = {inputs.shape[0]} (got {tuple(attributes.shape)})")
-        if attributes.numel() and (int(attributes.min()) < 0 or int(attributes.max()) >= self.config.n_attributes):
+            raise ValueError(
+                f"attributes must be (N,) with N = {inputs.shape[0]} (got {tuple(attributes.shape)})"
+            )
+        if attributes.numel() and (
+            int(attributes.min()) < 0 or int(attributes.max()) >= self.config.n_attributes
+        ):
             raise ValueError(f"attributes must be in [0, {self.config.n_attributes})")
         c = self.config
-        kw = dict(rounds=c.am_rounds, steps=c.am_steps, lr=c.am_lr, init=c.am_init, weight=c.am_weight, tv=c.am_tv,
-                  bound=c.am_bound, min_value=c.am_min, max_value=c.am_max)
+        kw = {
+            "rounds": c.am_rounds,
+            "steps": c.am_steps,
+            "lr": c.am_lr,
+            "init": c.am_init,
+            "weight": c.am_weight,
+            "tv": c.am_tv,
+            "bound": c.am_bound,
+            "min_value": c.am_min,
+            "max_value": c.am_max,
+        }
         unknown = set(overrides) - set(kw)
         if unknown:
             raise ValueError(f"unknown AM+PI options {sorted(unknown)}; known: {sorted(kw)}")
@@ -613,8 +761,17 @@ class FlintInterpreter(Explainer):
         finally:
             self.train(was)
 
-    def explain(self, inputs: torch.Tensor, target: torch.Tensor | None = None, *, seed: int = 0,
-                index: torch.Tensor | None = None, n_top: int = 3, n_visualize: int = 0, **am_options) -> FlintResult:
+    def explain(
+        self,
+        inputs: torch.Tensor,
+        target: torch.Tensor | None = None,
+        *,
+        seed: int = 0,
+        index: torch.Tensor | None = None,
+        n_top: int = 3,
+        n_visualize: int = 0,
+        **am_options,
+    ) -> FlintResult:
         """Local explanation of a batch: attributes, relevance to `target` (default g's
         prediction), the n_top most relevant attributes, and with n_visualize > 0 the AM+PI images of
         the top n_visualize of them (initialised from each input). Deterministic: seed and index
@@ -626,7 +783,9 @@ class FlintInterpreter(Explainer):
         n_visualize = check_positive_int(n_visualize, "n_visualize", minimum=0)
         if n_visualize > n_top:
             raise ValueError(f"n_visualize must be <= n_top ({n_top}) (got {n_visualize})")
-        if index is not None and (not isinstance(index, torch.Tensor) or index.shape != (inputs.shape[0],)):
+        if index is not None and (
+            not isinstance(index, torch.Tensor) or index.shape != (inputs.shape[0],)
+        ):
             raise ValueError(f"index must be a ({inputs.shape[0]},) tensor of dataset indices")
         self.eval()
         dev = self.device
@@ -641,28 +800,52 @@ class FlintInterpreter(Explainer):
             if target.numel() == 1 and x.shape[0] != 1:
                 target = target.expand(x.shape[0])
             if target.shape[0] != x.shape[0]:
-                raise ValueError(f"target must be one class or one per input (got {tuple(target.shape)})")
+                raise ValueError(
+                    f"target must be one class or one per input (got {tuple(target.shape)})"
+                )
             if target.numel() and (int(target.min()) < 0 or int(target.max()) >= c.num_classes):
                 raise ValueError(f"target out of range: classes are 0..{c.num_classes - 1}")
         rel = local_relevance(phi, self.weight.detach(), target)
         top_rel, top = rel.topk(n_top, dim=1)
         if n_visualize:
             B = x.shape[0]
-            pairs_x = x.unsqueeze(1).expand(B, n_visualize, *x.shape[1:]).reshape(B * n_visualize, *x.shape[1:])
+            pairs_x = (
+                x.unsqueeze(1)
+                .expand(B, n_visualize, *x.shape[1:])
+                .reshape(B * n_visualize, *x.shape[1:])
+            )
             imgs = self.am_pi(pairs_x, top[:, :n_visualize].reshape(-1), **am_options)
             vis = imgs.view(B, n_visualize, *x.shape[1:])
         else:
             if am_options:
                 raise ValueError(f"AM+PI options {sorted(am_options)} given with n_visualize = 0")
             vis = x.new_zeros((x.shape[0], 0, *x.shape[1:]))
-        return FlintResult(inputs=inputs.detach().cpu(), attributes=phi.cpu(), logits_f=lf.cpu(), logits_g=lg.cpu(),
-                           prediction_f=lf.argmax(1).cpu(), prediction_g=pg.cpu(), target=target.cpu(),
-                           relevance=rel.cpu(), top_attributes=top.cpu(), top_relevance=top_rel.cpu(),
-                           am_pi=vis.cpu())
+        return FlintResult(
+            inputs=inputs.detach().cpu(),
+            attributes=phi.cpu(),
+            logits_f=lf.cpu(),
+            logits_g=lg.cpu(),
+            prediction_f=lf.argmax(1).cpu(),
+            prediction_g=pg.cpu(),
+            target=target.cpu(),
+            relevance=rel.cpu(),
+            top_attributes=top.cpu(),
+            top_relevance=top_rel.cpu(),
+            am_pi=vis.cpu(),
+        )
 
     # ---- figures ----
-    def report(self, test_loader, out_dir, *, limit: int = 2000, max_attributes: int = 3, n_samples: int = 3,
-               n_local: int = 4, **am_options) -> list[Path]:
+    def report(
+        self,
+        test_loader,
+        out_dir,
+        *,
+        limit: int = 2000,
+        max_attributes: int = 3,
+        n_samples: int = 3,
+        n_local: int = 4,
+        **am_options,
+    ) -> list[Path]:
         """Writes into out_dir:
         flint_class_attributes.png  per class, its relevant attributes (global relevance above
                                     config.relevance_threshold, at most max_attributes), each with
@@ -689,7 +872,11 @@ class FlintInterpreter(Explainer):
         pairs = []  # (class, attribute)
         for k in range(c.num_classes):
             order = grel[k].argsort(descending=True)[:max_attributes]
-            pairs += [(k, int(j)) for j in order if grel[k, j] > c.relevance_threshold and idx[k, 0, j] >= 0]
+            pairs += [
+                (k, int(j))
+                for j in order
+                if grel[k, j] > c.relevance_threshold and idx[k, 0, j] >= 0
+            ]
         paths = []
         # per class: relevant attributes, their maximum-activating samples and AM+PI images
         if pairs:
@@ -698,8 +885,12 @@ class FlintInterpreter(Explainer):
         rows = [k for k in range(c.num_classes) if any(p[0] == k for p in pairs)]
         per_row = max([sum(1 for p in pairs if p[0] == k) for k in rows], default=1)
         cols = per_row * (n_samples + 1)
-        fig, axes = plt.subplots(max(len(rows), 1), max(cols, 1), figsize=(1.1 * max(cols, 1) + 0.6, 1.2 * max(len(rows), 1) + 0.4),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            max(len(rows), 1),
+            max(cols, 1),
+            figsize=(1.1 * max(cols, 1) + 0.6, 1.2 * max(len(rows), 1) + 0.4),
+            squeeze=False,
+        )
         for ax in axes.flat:
             ax.axis("off")
         for r, k in enumerate(rows):
@@ -708,12 +899,16 @@ class FlintInterpreter(Explainer):
                 for s in range(n_samples):
                     pos = int(idx[k, s, j])
                     if pos >= 0:
-                        axes[r, a * (n_samples + 1) + s].imshow(_img(d["images"][pos]), cmap="gray", vmin=0, vmax=1)
+                        axes[r, a * (n_samples + 1) + s].imshow(
+                            _img(d["images"][pos]), cmap="gray", vmin=0, vmax=1
+                        )
                 ax = axes[r, a * (n_samples + 1) + n_samples]
                 ax.imshow(_img(vis[i]), cmap="magma", vmin=0, vmax=1)
                 ax.set_title(f"$\\phi_{{{j}}}$ r={float(grel[k, j]):.2f}", fontsize=7)
             axes[r, 0].set_title(f"class {k}", fontsize=8, loc="left")
-        fig.suptitle("FLINT: relevant attributes per class (max-activating samples, AM+PI)", fontsize=9)
+        fig.suptitle(
+            "FLINT: relevant attributes per class (max-activating samples, AM+PI)", fontsize=9
+        )
         fig.tight_layout()
         p = out_dir / "flint_class_attributes.png"
         fig.savefig(p, dpi=80)
@@ -733,7 +928,9 @@ class FlintInterpreter(Explainer):
         paths.append(p)
         # local explanation
         nl = min(n_local, len(d["labels"]))
-        res = self.explain(d["images"][:nl], n_top=3, n_visualize=min(3, c.n_attributes), **am_options)
+        res = self.explain(
+            d["images"][:nl], n_top=3, n_visualize=min(3, c.n_attributes), **am_options
+        )
         fig = res.plot(max_rows=nl)
         p = out_dir / "flint_local_explanation.png"
         fig.savefig(p, dpi=80)
@@ -743,6 +940,7 @@ class FlintInterpreter(Explainer):
 
 
 # ---- the recorded run ----------------------------------------------------------------------------
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """python -m lfi_fast.explain.flint --data mnist --out DIR: train, evaluate, save the
@@ -758,7 +956,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", default="mnist", choices=("digits", "mnist", "fashion-mnist"))
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--checkpoint", default=None, help="where to save the interpreter (default OUT/checkpoint)")
+    ap.add_argument(
+        "--checkpoint", default=None, help="where to save the interpreter (default OUT/checkpoint)"
+    )
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
@@ -767,19 +967,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-figures", action="store_true")
+    ap.add_argument(
+        "--figures-from",
+        default=None,
+        metavar="CHECKPOINT",
+        help="only write the figures of a saved interpreter into OUT (no training)",
+    )
+    ap.add_argument(
+        "--am-rounds", type=int, default=None, help="AM+PI rounds for the figures (default: config)"
+    )
+    ap.add_argument(
+        "--am-steps", type=int, default=None, help="AM+PI steps per round for the figures"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    over = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
+    am = {k: v for k, v in (("rounds", args.am_rounds), ("steps", args.am_steps)) if v is not None}
+    if args.figures_from:
+        exp = FlintInterpreter.load(args.figures_from)
+        size = 28 if args.data == "digits" else None
+        test = load_dataset(args.data, "test", data_dir=args.data_dir, image_size=size)
+        t1 = time.perf_counter()
+        paths = exp.report(DataLoader(test, batch_size=500), args.out, **am)
+        print(f"figures ({time.perf_counter() - t1:.0f} s):", ", ".join(str(p) for p in paths))
+        return 0
+    over = {
+        k: v
+        for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
+        if v is not None
+    }
     if args.post_hoc:
         over["post_hoc"] = True
     cfg = default_config(args.data, seed=args.seed, **over)
     size = 28 if args.data == "digits" else None
-    train = load_dataset(args.data, "train", data_dir=args.data_dir, image_size=size, limit=args.limit)
+    train = load_dataset(
+        args.data, "train", data_dir=args.data_dir, image_size=size, limit=args.limit
+    )
     test = load_dataset(args.data, "test", data_dir=args.data_dir, image_size=size)
     exp = FlintInterpreter(cfg)
-    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(args.seed))
+    loader = DataLoader(
+        train,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Path(args.checkpoint) if args.checkpoint else out / "checkpoint"
@@ -791,25 +1022,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         t1 = time.perf_counter()
         m = exp.evaluate(test_loader, progress=False)
         exp.save(ckpt)
-        per_epoch.append({"epoch": epoch, "train_seconds_so_far": t1 - t0 - sum(e["eval_seconds"] for e in per_epoch),
-                          **m, "eval_seconds": time.perf_counter() - t1})
+        per_epoch.append(
+            {
+                "epoch": epoch,
+                "train_seconds_so_far": t1 - t0 - sum(e["eval_seconds"] for e in per_epoch),
+                **m,
+                "eval_seconds": time.perf_counter() - t1,
+            }
+        )
         (out / "metrics_per_epoch.json").write_text(json.dumps(per_epoch, indent=2) + "\n")
         print(json.dumps(per_epoch[-1]), flush=True)
 
     history = exp.fit(loader, callback=after_epoch)
     train_seconds = time.perf_counter() - t0 - sum(e["eval_seconds"] for e in per_epoch)
     if per_epoch:  # the last epoch's evaluation is the final one
-        metrics = {k: per_epoch[-1][k] for k in ("accuracy_f", "accuracy_g", "fidelity", *map(_tau_key, TAUS))}
+        metrics = {
+            k: per_epoch[-1][k]
+            for k in ("accuracy_f", "accuracy_g", "fidelity", *map(_tau_key, TAUS))
+        }
     else:
         metrics = exp.evaluate(test_loader, progress=False)
     exp.save(ckpt)
-    doc = {**metrics, "train_seconds": train_seconds, "data": args.data, "train_images": len(train),
-           "test_images": len(test), "threads": args.threads, "config": dataclasses.asdict(cfg), "history": history}
+    doc = {
+        **metrics,
+        "train_seconds": train_seconds,
+        "data": args.data,
+        "train_images": len(train),
+        "test_images": len(test),
+        "threads": args.threads,
+        "config": dataclasses.asdict(cfg),
+        "history": history,
+    }
     (out / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps({**metrics, "train_seconds": round(train_seconds, 1)}, indent=2))
     if not args.no_figures:
         t1 = time.perf_counter()
-        paths = exp.report(test_loader, out)
+        paths = exp.report(test_loader, out, **am)
         print(f"figures ({time.perf_counter() - t1:.0f} s):", ", ".join(str(p) for p in paths))
     return 0
 
