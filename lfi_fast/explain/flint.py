@@ -529,12 +529,21 @@ class FlintInterpreter(Explainer):
         }
 
     def fit(
-        self, train_loader, epochs: int | None = None, *, progress: bool = True, callback=None
+        self,
+        train_loader,
+        epochs: int | None = None,
+        *,
+        progress: bool = True,
+        callback=None,
+        start_epoch: int = 1,
     ) -> dict:
         """Train (f too unless post_hoc) with the scheduled loss; history: per-epoch means.
-        callback(epoch, history), when given, runs after each epoch (e.g. to save a checkpoint)."""
+        callback(epoch, history), when given, runs after each epoch (e.g. to save a checkpoint).
+        start_epoch: the schedule's number of the first epoch (to resume a saved interpreter;
+        the optimiser's state starts afresh)."""
         c = self.config
         epochs = c.epochs if epochs is None else check_positive_int(epochs, "epochs", minimum=0)
+        start_epoch = check_positive_int(start_epoch, "start_epoch")
         dev = self.device
         history: dict[str, list] = {
             k: []
@@ -575,7 +584,7 @@ class FlintInterpreter(Explainer):
             params = list(self.parameters())
         opt = torch.optim.Adam(params, lr=c.lr)
         checked = False
-        for epoch in range(1, epochs + 1):
+        for epoch in range(start_epoch, start_epoch + epochs):
             t0 = time.perf_counter()
             w = self._weights(epoch)
             self.train()
@@ -587,7 +596,9 @@ class FlintInterpreter(Explainer):
             }
             agree = correct = n = 0
             for x, y in progress_bar(
-                train_loader, desc=f"flint epoch {epoch}/{epochs}", disable=not progress
+                train_loader,
+                desc=f"flint epoch {epoch}/{start_epoch + epochs - 1}",
+                disable=not progress,
             ):
                 if not checked:
                     self._check(x)
@@ -979,6 +990,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--am-steps", type=int, default=None, help="AM+PI steps per round for the figures"
     )
+    ap.add_argument(
+        "--resume",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue training a saved interpreter (with --start-epoch)",
+    )
+    ap.add_argument(
+        "--start-epoch", type=int, default=1, help="the schedule's number of the first epoch"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -1004,7 +1024,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.data, "train", data_dir=args.data_dir, image_size=size, limit=args.limit
     )
     test = load_dataset(args.data, "test", data_dir=args.data_dir, image_size=size)
-    exp = FlintInterpreter(cfg)
+    if args.resume:
+        exp = FlintInterpreter.load(args.resume)
+        exp.config = cfg = dataclasses.replace(exp.config, seed=args.seed, **over)
+    else:
+        exp = FlintInterpreter(cfg)
     loader = DataLoader(
         train,
         batch_size=cfg.batch_size,
@@ -1033,7 +1057,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (out / "metrics_per_epoch.json").write_text(json.dumps(per_epoch, indent=2) + "\n")
         print(json.dumps(per_epoch[-1]), flush=True)
 
-    history = exp.fit(loader, callback=after_epoch)
+    history = exp.fit(loader, callback=after_epoch, start_epoch=args.start_epoch)
     train_seconds = time.perf_counter() - t0 - sum(e["eval_seconds"] for e in per_epoch)
     if per_epoch:  # the last epoch's evaluation is the final one
         metrics = {
@@ -1045,6 +1069,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     exp.save(ckpt)
     doc = {
         **metrics,
+        "resumed_from": args.resume,
+        "start_epoch": args.start_epoch,
         "train_seconds": train_seconds,
         "data": args.data,
         "train_images": len(train),
