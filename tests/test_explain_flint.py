@@ -302,3 +302,32 @@ def test_config_is_json_round_trippable():
     assert (
         FlintConfig().batch_size == 16 and FlintConfig().lr == 1e-4 and FlintConfig().epochs == 12
     )  # published
+
+
+def test_by_design_trains_f_and_schedule_follows_start_epoch():
+    torch.manual_seed(4)
+    net = TwoTapNet()
+    cfg = FlintConfig(
+        classifier="module:unused",
+        tap_layers=["dense"],
+        n_attributes=3,
+        epochs=1,
+        batch_size=8,
+        lr=1e-3,
+        beta_from=1,
+        gamma_from=1,
+        eta_from=3,
+        delta_from=3,
+    )
+    exp = FlintInterpreter(cfg, classifier=net)
+    ds = DataLoader(
+        TensorDataset(torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))), batch_size=8
+    )
+    before = [p.clone() for p in net.parameters()]
+    hist = exp.fit(ds, progress=False)
+    assert hist["ce"][0] > 0 and hist["conciseness"] == [0.0]  # delta still off in epoch 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))  # f learns
+    hist = exp.fit(ds, progress=False, start_epoch=3)
+    assert hist["conciseness"][0] != 0.0  # epoch 3 of the schedule: delta on
+    with pytest.raises(ValueError, match="start_epoch"):
+        exp.fit(ds, progress=False, start_epoch=0)
