@@ -73,7 +73,7 @@ def _activate(x, slope, ACT: tl.constexpr):
     if ACT == 1:
         y = tl.where(x > 0, x, 0.0)
     elif ACT == 2:
-        y = tl.where(x > 0, x, x * slope)
+        y = tl.where(x > 0, x, (x * slope).to(x.dtype))  # slope in float64, as the C++ kernels
     elif ACT == 3:
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACT == 4:
@@ -88,7 +88,7 @@ def _activate_grad(x, slope, ACT: tl.constexpr):
     if ACT == 1:
         g = tl.where(x > 0, 1.0, 0.0)
     elif ACT == 2:
-        g = tl.where(x > 0, 1.0, slope)
+        g = tl.where(x > 0, 1.0, (x * 0.0 + slope).to(x.dtype))
     elif ACT == 3:
         cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
         g = cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
@@ -102,7 +102,7 @@ def _activate_grad(x, slope, ACT: tl.constexpr):
 
 @triton.jit
 def _linear_kernel(out_ptr, grad_ptr, gpre_ptr, hs_ptr, wnT_ptr, eps_ptr, mu_ptr, sd_ptr,
-                   seed, offset, n_rows, n, d, ds, dn, h, slope,
+                   seed, offset, n_rows, n, d, ds, dn, h, slope: tl.float64,
                    DN4: tl.constexpr, DNP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
                    ACT: tl.constexpr, HAS_EPS: tl.constexpr, POSTERIOR: tl.constexpr, BWD: tl.constexpr,
                    CDT: tl.constexpr, USE_DOT: tl.constexpr):

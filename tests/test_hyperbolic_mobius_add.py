@@ -601,7 +601,7 @@ def well_conditioned(built, dim):
         x64, y64 = x.detach().double().cpu(), y.detach().double().cpu()
         xy = (x64 * y64).sum(dim)
         den = 1 + 2 * cv * xy + cv**2 * x64.square().sum(dim) * y64.square().sum(dim)
-    except (RuntimeError, TypeError, ValueError):  # bad input: the domain decides nothing
+    except (RuntimeError, TypeError, ValueError, IndexError):  # bad input: nothing to decide
         return domain
     ok = ~(den.abs() < 1e-6)
     if isinstance(domain, torch.Tensor):
