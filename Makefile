@@ -24,7 +24,7 @@ TRITON          := triton==3.6.0
 # Build tools and what tests, benchmarks and the demo use. torch is installed first, pinned, so
 # that nothing below pulls in a multi-GB CUDA build.
 BUILD_DEPS      := setuptools wheel build cmake ninja numpy
-TEST_DEPS       := pytest pytest-benchmark hypothesis geoopt safetensors scikit-learn matplotlib tqdm
+TEST_DEPS       := pytest pytest-benchmark hypothesis geoopt safetensors scikit-learn matplotlib tqdm faiss-cpu vector-quantize-pytorch
 
 SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
 

@@ -44,6 +44,13 @@ TORCH_LIBRARY(lfi_fast, m) {
   m.def("dist0_backward(Tensor grad, Tensor x, Tensor c, bool needs_grad_c) -> (Tensor, Tensor)");
   m.def("pairwise_dist(Tensor x, Tensor y, Tensor c) -> Tensor");
   m.def("pairwise_dist_backward(Tensor grad, Tensor x, Tensor y, Tensor c, bool needs_grad_c) -> (Tensor, Tensor, Tensor)");
+  // ---- vq (nearest-codebook search; x (N, D), codebook (K, D); metric l2 | cosine | poincare) ----
+  // vq_nearest -> (indices int64 (N, k), distances (N, k)) sorted; vq_quantize -> (q, loss) with
+  // loss = beta mean|x - sg(q)|^2 + mean|sg(x) - q|^2; vq_ema_update -> (counts, sums, codebook).
+  m.def("vq_nearest(Tensor x, Tensor codebook, str metric, Tensor c, int k) -> (Tensor, Tensor)");
+  m.def("vq_quantize(Tensor x, Tensor codebook, Tensor indices, float beta) -> (Tensor, Tensor)");
+  m.def("vq_quantize_backward(Tensor grad_q, Tensor grad_loss, Tensor x, Tensor codebook, Tensor indices, float beta) -> (Tensor, Tensor)");
+  m.def("vq_ema_update(Tensor x, Tensor indices, Tensor counts, Tensor sums, float decay, float eps) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -69,4 +69,27 @@ at::Tensor pairwise_dist_cuda(const at::Tensor& x, const at::Tensor& y, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_dist_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& c, bool needs_grad_c);
 #endif
 
+// ---- vq: nearest-codebook search, straight-through quantiser, EMA codebook update ---------------
+// x (N, D), codebook (K, D), metric "l2" | "cosine" | "poincare", c a 0-dim curvature tensor.
+// vq_nearest returns (indices int64 (N, k), distances (N, k) in x's dtype), sorted by distance.
+// vq_quantize returns (q = codebook[indices], loss); vq_quantize_backward (grad_x, grad_codebook).
+// vq_ema_update returns new (counts, sums, codebook); deterministic on every backend.
+#define LFI_VQ_DECLARE(dev)                                                                        \
+  std::tuple<at::Tensor, at::Tensor> vq_nearest_##dev(const at::Tensor& x, const at::Tensor& codebook, \
+                                                      c10::string_view metric, const at::Tensor& c, \
+                                                      int64_t k);                                 \
+  std::tuple<at::Tensor, at::Tensor> vq_quantize_##dev(const at::Tensor& x, const at::Tensor& codebook, \
+                                                       const at::Tensor& indices, double beta);  \
+  std::tuple<at::Tensor, at::Tensor> vq_quantize_backward_##dev(                                 \
+      const at::Tensor& grad_q, const at::Tensor& grad_loss, const at::Tensor& x,                \
+      const at::Tensor& codebook, const at::Tensor& indices, double beta);                      \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> vq_ema_update_##dev(                            \
+      const at::Tensor& x, const at::Tensor& indices, const at::Tensor& counts,                  \
+      const at::Tensor& sums, double decay, double eps);
+LFI_VQ_DECLARE(cpu)
+#ifdef LFI_FAST_WITH_CUDA
+LFI_VQ_DECLARE(cuda)
+#endif
+#undef LFI_VQ_DECLARE
+
 }  // namespace lfi_fast

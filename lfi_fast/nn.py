@@ -198,3 +198,100 @@ class HyperbolicMLR(_Curvature):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_classes={self.num_classes}, {self._c_repr()}"
+
+
+class VectorQuantizer(nn.Module):
+    """The VQ-VAE quantisation layer over the last dim (channels last), on lfi_fast.vq's fused search.
+
+    forward(x (..., dim)) -> (quantized, indices, loss): quantized has x's shape and passes its
+    gradient straight through to x; indices int64 (...); loss (0-dim, a mean over elements) is
+    beta |x - sg(q)|^2 + |sg(x) - q|^2, or with EMA updates (ema_decay set) beta |x - sg(q)|^2
+    alone: the codebook is then a buffer that moves to the running means of its rows.
+
+    Args:
+        num_codes, dim: codebook size (K, dim).
+        beta: commitment weight. metric: "l2", "cosine" or "poincare" (c: its curvature).
+        ema_decay: None (codebook learnt by gradient) or the EMA decay in [0, 1).
+        eps: Laplace smoothing of the EMA counts.
+        dead_code_threshold: in training, codes whose usage (EMA count, or use in this batch
+            without EMA) is below it are restarted at random rows of the batch; 0 disables.
+
+    Statistics of the last training or eval batch: `perplexity` (exp of the entropy of code usage)
+    and `codes_in_use` (distinct codes chosen), as 0-dim tensors; `usage` accumulates counts.
+    """
+
+    def __init__(self, num_codes: int, dim: int, beta: float = 0.25, metric: str = "l2",
+                 ema_decay: float | None = None, *, c: float = 1.0, eps: float = 1e-5,
+                 dead_code_threshold: float = 0.0, device=None, dtype=None) -> None:
+        super().__init__()
+        from . import vq as _vq
+
+        if num_codes < 1 or dim < 1:
+            raise ValueError(f"num_codes and dim must be >= 1 (got {num_codes}, {dim})")
+        _vq._check_metric(metric)
+        if ema_decay is not None and not 0 <= ema_decay < 1:
+            raise ValueError(f"ema_decay must be None or in [0, 1) (got {ema_decay})")
+        self.num_codes, self.dim, self.beta, self.metric, self.c = num_codes, dim, beta, metric, c
+        self.ema_decay, self.eps, self.dead_code_threshold = ema_decay, eps, dead_code_threshold
+        kw = {"device": device, "dtype": dtype}
+        init = torch.empty(num_codes, dim, **kw).uniform_(-1 / num_codes, 1 / num_codes)
+        if ema_decay is None:
+            self.codebook = nn.Parameter(init)
+        else:
+            self.register_buffer("codebook", init)
+            acc = torch.float64 if init.dtype == torch.float64 else torch.float32
+            self.register_buffer("ema_counts", torch.ones(num_codes, device=device, dtype=acc))
+            self.register_buffer("ema_sums", init.to(acc).clone())
+        self.register_buffer("usage", torch.zeros(num_codes, device=device, dtype=torch.float64))
+        self.register_buffer("perplexity", torch.zeros((), device=device))
+        self.register_buffer("codes_in_use", torch.zeros((), device=device, dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor):
+        from . import vq as _vq
+
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (..., {self.dim}) (got {tuple(x.shape)})")
+        if self.ema_decay is None:
+            q, idx, loss = _vq.quantize(x, self.codebook, self.beta, self.metric, self.c)
+        else:
+            q, idx, _ = _vq.quantize(x, self.codebook, self.beta, self.metric, self.c)
+            loss = self.beta * (x - q.detach()).pow(2).mean() if x.numel() else x.new_zeros(())
+            if self.training and idx.numel():
+                with torch.no_grad():
+                    counts, sums, cb = _vq.ema_update(x.detach(), idx, self.ema_counts,
+                                                      self.ema_sums, self.ema_decay, self.eps)
+                    self.ema_counts.copy_(counts)
+                    self.ema_sums.copy_(sums)
+                    self.codebook.copy_(cb.to(self.codebook.dtype))
+        self._statistics(idx)
+        if self.training and self.dead_code_threshold > 0 and idx.numel():
+            self._restart_dead_codes(x.detach().reshape(-1, self.dim), idx)
+        return q, idx, loss
+
+    @torch.no_grad()
+    def _statistics(self, idx: torch.Tensor) -> None:
+        counts = torch.bincount(idx.reshape(-1), minlength=self.num_codes).to(torch.float64)
+        self.usage += counts
+        total = counts.sum().clamp_min(1)
+        p = counts / total
+        entropy = -(p * p.clamp_min(1e-30).log()).sum()
+        self.perplexity.copy_(entropy.exp())
+        self.codes_in_use.copy_((counts > 0).sum())
+        self._batch_counts = counts
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, rows: torch.Tensor, idx: torch.Tensor) -> None:
+        usage = self.ema_counts if self.ema_decay is not None else self._batch_counts
+        dead = (usage < self.dead_code_threshold).nonzero().reshape(-1)
+        if dead.numel() == 0:
+            return
+        pick = torch.randint(0, rows.shape[0], (dead.numel(),), device=rows.device)
+        new = rows[pick].to(self.codebook.dtype)
+        self.codebook[dead] = new
+        if self.ema_decay is not None:
+            self.ema_counts[dead] = self.dead_code_threshold
+            self.ema_sums[dead] = new.to(self.ema_sums.dtype) * self.dead_code_threshold
+
+    def extra_repr(self) -> str:
+        return (f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, "
+                f"metric={self.metric!r}, ema_decay={self.ema_decay}")
