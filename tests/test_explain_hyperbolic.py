@@ -158,7 +158,7 @@ def test_hierarchy_loss_uses_the_adjacency():
     torch.manual_seed(0)
     exp = HyperbolicRuleExplainer(_small_config(codebook_sizes=[8, 4, 2]))
     with torch.no_grad():
-        exp.vq0.codebook.normal_()
+        exp.codebook0.normal_()
     pos, trans, adjs = exp.codebooks()
     from lfi_fast import hyperbolic as hyp
 

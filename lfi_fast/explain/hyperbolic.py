@@ -367,7 +367,7 @@ class HyperbolicRuleExplainer(Explainer):
         super().__init__(config)
         _check_config(config)
         from .. import models
-        from ..nn import MobiusLinear, VectorQuantizer
+        from ..nn import MobiusLinear
 
         cfg = config
         if classifier is None:
@@ -383,8 +383,11 @@ class HyperbolicRuleExplainer(Explainer):
         self.code_dim = self.fh * self.fw
         self.levels = len(cfg.codebook_sizes)
         self.modulator = Modulator(self.channels)
-        self.vq0 = VectorQuantizer(cfg.codebook_sizes[0], self.code_dim, beta=cfg.beta, metric="l2",
-                                   ema_decay=cfg.ema_decay, dead_code_threshold=cfg.dead_code_threshold)
+        # level 0: EMA codebook (updated after each optimiser step by vq.ema_update)
+        k0 = cfg.codebook_sizes[0]
+        self.register_buffer("codebook0", torch.zeros(k0, self.code_dim))
+        self.register_buffer("ema_counts", torch.ones(k0))
+        self.register_buffer("ema_sums", torch.zeros(k0, self.code_dim))
         self.reason = nn.ModuleList()
         self.adjacency_logits = nn.ParameterList()
         for lo, hi in zip(cfg.codebook_sizes, cfg.codebook_sizes[1:]):
@@ -453,7 +456,7 @@ class HyperbolicRuleExplainer(Explainer):
         """(positions, transformed, adjacencies): positions[l] (K_l, D) the symbols of level l as
         points of the ball; transformed[l] = g_l(positions[l]); adjacencies[l] (K_l, K_l+1)."""
         c = self.config.curvature
-        pos = [ops.expmap0(self.config.tangent_scale * self.vq0.codebook, c)]
+        pos = [ops.expmap0(self.config.tangent_scale * self.codebook0, c)]
         trans, adjs = [], []
         for lev, layer in enumerate(self.reason):
             t = ops.mobius_linear(layer, pos[-1])
@@ -494,14 +497,14 @@ class HyperbolicRuleExplainer(Explainer):
             raise ValueError(f"the first batch has {rows.shape[0]} channel maps, fewer than the "
                              f"{k0} level-0 codes: use a larger batch_size")
         centres, _ = _kmeans(rows, k0, 10, gen)
-        cb = centres.to(self.vq0.codebook)
-        self.vq0.codebook.copy_(cb)
-        if hasattr(self.vq0, "ema_sums"):
-            self.vq0.ema_sums.copy_(cb.to(self.vq0.ema_sums.dtype) * self.vq0.ema_counts[:, None])
+        cb = centres.to(self.codebook0)
+        self.codebook0.copy_(cb)
+        self.ema_counts.fill_(1.0)
+        self.ema_sums.copy_(cb)
         c = cfg.curvature
         from .. import hyperbolic as hyp
 
-        pos = hyp.expmap0(cfg.tangent_scale * self.vq0.codebook, c)
+        pos = hyp.expmap0(cfg.tangent_scale * self.codebook0, c)
         for lev, layer in enumerate(self.reason):
             t = layer(pos)
             u = hyp.logmap0(t, c).cpu().double()
@@ -515,6 +518,26 @@ class HyperbolicRuleExplainer(Explainer):
             pos = hyp.expmap0(mean, c)
         self.codebook_ready.fill_(True)
 
+    @torch.no_grad()
+    def _ema_step(self, z: torch.Tensor, idx: torch.Tensor) -> None:
+        """EMA update of the level-0 codebook; codes whose EMA count falls below
+        dead_code_threshold restart at random channel maps of the batch."""
+        from .. import vq
+
+        cfg = self.config
+        counts, sums, cb = vq.ema_update(z.detach(), idx, self.ema_counts, self.ema_sums,
+                                         cfg.ema_decay)
+        self.ema_counts.copy_(counts)
+        self.ema_sums.copy_(sums)
+        self.codebook0.copy_(cb)
+        dead = (self.ema_counts < cfg.dead_code_threshold).nonzero().reshape(-1)
+        if dead.numel():
+            rows = z.detach().reshape(-1, self.code_dim)
+            pick = torch.randint(0, rows.shape[0], (dead.numel(),), device=rows.device)
+            self.codebook0[dead] = rows[pick]
+            self.ema_sums[dead] = rows[pick]
+            self.ema_counts[dead] = 1.0
+
     # ---- forward ----
     def _symbols_train(self, feats: torch.Tensor):
         """Training forward: straight-through symbols of every channel at every level."""
@@ -526,7 +549,7 @@ class HyperbolicRuleExplainer(Explainer):
         n = feats.shape[0]
         h = self.modulator(feats)
         z = h.flatten(2)                                     # (N, C, D)
-        q0, idx0, loss_vq = self.vq0(z)
+        q0, idx0, loss_vq = vq.quantize(z, self.codebook0, beta=cfg.beta)
         pos, trans, adjs = self.codebooks()
         p = hyp.expmap0(cfg.tangent_scale * q0, c)
         codes = [idx0]
@@ -554,7 +577,7 @@ class HyperbolicRuleExplainer(Explainer):
         logits, feats = self.features(x)
         n = feats.shape[0]
         z = self.modulator(feats).flatten(2)                 # (N, C, D)
-        cb0 = self.vq0.codebook
+        cb0 = self.codebook0
         idx = ops.nearest(z.reshape(-1, self.code_dim), cb0, "l2", c).reshape(n, self.channels)
         pos, trans, _ = self.codebooks(ops, straight_through=False)
         codes = [idx]
@@ -631,6 +654,7 @@ class HyperbolicRuleExplainer(Explainer):
                 loss.backward()
                 opt.step()
                 sched.step()
+                self._ema_step(out["z"], out["codes"][0])
                 b = x.shape[0]
                 for k, v in (("loss", loss), ("ce", ce), ("vq", out["loss_vq"]), ("commit", out["commit"]),
                              ("hierarchy", out["hierarchy"]), ("recon", rec)):
