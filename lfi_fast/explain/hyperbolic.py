@@ -83,7 +83,7 @@ class HyperbolicRuleConfig:
     dead_code_threshold: float = 0.5
     hierarchy_weight: float = 0.5
     hierarchy_temperature: float = 0.5
-    sparsity_weight: float = 0.05
+    sparsity_weight: float = 0.5    # times the mean number of children per parent
     recon_weight: float = 1.0
     classifier_epochs: int = 2
     classifier_lr: float = 1e-3
@@ -104,7 +104,7 @@ def default_config(data: str = "mnist", **overrides) -> HyperbolicRuleConfig:
     presets = {
         "digits": dict(classifier_epochs=15, epochs=25, batch_size=64, rule_support=0.02,
                        robustness_samples=128),
-        "mnist": dict(),
+        "mnist": dict(epochs=3),
         "fashion-mnist": dict(classifier_epochs=4, epochs=6),
     }
     if data not in presets:
@@ -481,7 +481,7 @@ class HyperbolicRuleExplainer(Explainer):
             over_children = torch.softmax(-d, 1)
             child_term = -(a * over_parents).sum(0).clamp_min(1e-12).log().mean()
             parent_term = -(a * over_children).sum(1).clamp_min(1e-12).log().mean()
-            total = total + child_term + parent_term + cfg.sparsity_weight * a.sum() / a.shape[1]
+            total = total + child_term + parent_term + cfg.sparsity_weight * a.sum() / a.shape[0]
         return total
 
     # ---- data-driven initialisation ----
