@@ -21,15 +21,15 @@ METRIC_KEYS = {"accuracy_f", "fidelity", "symbols_level_0", "symbols_level_1", "
 
 
 def _small_config(**kw):
-    base = dict(classifier_epochs=4, epochs=3, batch_size=50, robustness_samples=24, noise_draws=3,
-                ig_steps=4, codebook_sizes=[32, 16, 4])
+    base = dict(classifier_epochs=3, epochs=6, batch_size=25, robustness_samples=24, noise_draws=3,
+                ig_steps=4, codebook_sizes=[32, 16, 4], lr=4e-3)
     base.update(kw)
     return default_config("digits", **base)
 
 
 @pytest.fixture(scope="module")
 def digits():
-    train = load_dataset("digits", "train", image_size=28, limit=500)
+    train = load_dataset("digits", "train", image_size=28, limit=400)
     test = load_dataset("digits", "test", image_size=28, limit=200)
     return train, test
 
@@ -39,7 +39,7 @@ def trained(digits):
     torch.manual_seed(0)
     train, test = digits
     exp = HyperbolicRuleExplainer(_small_config())
-    loader = DataLoader(train, batch_size=50, shuffle=True, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(train, batch_size=25, shuffle=True, generator=torch.Generator().manual_seed(0))
     history = exp.fit(loader, progress=False)
     metrics = exp.evaluate(DataLoader(test, batch_size=100), progress=False)
     return exp, history, metrics
@@ -58,7 +58,7 @@ def test_reduced_pipeline_beats_chance(trained):
         assert 0 <= metrics[key] <= 1             # variance of maps normalised to [-1, 1]
     assert metrics["robustness_0.1"] > 0          # noise does move the explanations
     assert history["ce"][-1] < history["ce"][0]   # the surrogate learns
-    assert len(history["edges"]) == 3
+    assert len(history["edges"]) == exp.config.epochs
 
 
 def test_explain_outputs_and_records(trained, digits):
@@ -158,7 +158,10 @@ def test_hierarchy_loss_uses_the_adjacency():
     torch.manual_seed(0)
     exp = HyperbolicRuleExplainer(_small_config(codebook_sizes=[8, 4, 2]))
     with torch.no_grad():
-        exp.codebook0.normal_()
+        exp.codebook0.copy_(torch.randn(8, exp.code_dim) * 0.3)
+        part = torch.full((8, 4), -2.0)
+        part[torch.arange(8), torch.arange(8) % 4] = 2.0
+        exp.adjacency_logits[0].copy_(part)
     pos, trans, adjs = exp.codebooks()
     from lfi_fast import hyperbolic as hyp
 
@@ -168,7 +171,7 @@ def test_hierarchy_loss_uses_the_adjacency():
     shuffled = near[:, torch.tensor([1, 2, 3, 0])]
     l_near = exp.hierarchy_loss(trans[:1], pos[:2], [near])
     l_shuf = exp.hierarchy_loss(trans[:1], pos[:2], [shuffled])
-    assert float(l_near) < float(l_shuf)
+    assert l_near.item() < l_shuf.item()
 
 
 def test_adjacency_edges_can_be_added_and_removed():
@@ -210,7 +213,7 @@ def test_rules_from_codes():
     rules, tree = local_rules(codes, [1.0, 2.0, 0.5, -1.0])
     assert [r["symbol"] for r in rules] == ["s2_1"]          # s2_0 contributes -1: no rule
     assert rule_text(7, rules[0]) == "7 <- s2_1 <- (s1_0 <- (s0_1, s0_0), s1_1 <- (s0_2))"
-    assert [0, 0, 1] in tree["edges"] and [1, 1, 0] in tree["edges"]
+    assert [0, 2, 1] in tree["edges"] and [1, 1, 0] in tree["edges"] and len(tree["edges"]) == 7
 
 
 def test_bad_input(trained, digits):

@@ -658,7 +658,7 @@ class HyperbolicRuleExplainer(Explainer):
                 b = x.shape[0]
                 for k, v in (("loss", loss), ("ce", ce), ("vq", out["loss_vq"]), ("commit", out["commit"]),
                              ("hierarchy", out["hierarchy"]), ("recon", rec)):
-                    sums[k] += float(v) * b
+                    sums[k] += float(v.detach()) * b
                 agree += int((out["surrogate_logits"].argmax(-1) == teacher).sum())
                 seen += b
             for k, v in sums.items():
