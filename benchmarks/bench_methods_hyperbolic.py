@@ -6,6 +6,8 @@ Möbius ops, one decoder call per (input, symbol).
 
 The explainer is untrained (codebooks initialised from the data, as fit() starts): the work per
 explanation does not depend on the training. Explanations per second = batch / median time.
+Modes: "rules" (symbols of every level, contributions, rules; semantics=False) and
+"rules+semantics" (also the visual semantics and the attribution map: the decoder dominates).
 """
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ def explainer(device):
     return _explainer(device)
 
 
+@pytest.mark.parametrize("mode", ("rules", "rules+semantics"))
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_explain_throughput(measure, explainer, provider, device, quick):
+def test_explain_throughput(measure, explainer, provider, mode, device, quick):
     import lfi_fast
     from lfi_fast.explain.hyperbolic import FastOps, StraightforwardOps
 
@@ -51,13 +54,15 @@ def test_explain_throughput(measure, explainer, provider, device, quick):
             pytest.skip(f"{provider} is not available on {device}")
         ops = FastOps()
 
+    semantics = mode == "rules+semantics"
+
     def run():
         if backend is None:
-            return explainer.explain(x, ops=ops)
+            return explainer.explain(x, ops=ops, semantics=semantics)
         with lfi_fast.use_backend(backend):
-            return explainer.explain(x, ops=ops)
+            return explainer.explain(x, ops=ops, semantics=semantics)
 
     out = run()
     written = sum(nbytes(t) for t in out.tensors().values())
-    measure(run, op="explain", provider=provider, anchor="straightforward", mode="forward",
+    measure(run, op="explain", provider=provider, anchor="straightforward", mode=mode,
             shape=x.shape, dtype=x.dtype, bytes_read=nbytes(x), bytes_written=written)

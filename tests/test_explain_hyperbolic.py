@@ -89,7 +89,10 @@ def test_explain_outputs_and_records(trained, digits):
         if r["rules"]:
             assert r["rules"][0]["id"] == int(res.semantic_symbols[b, 0, 1])
         assert set(r["tree"]["levels"][0]) == set(res.codes[b, 0].tolist())
-    # a symbol's semantics is decoder(z) - decoder(z without its channels): zero when it has none
+    light = exp.explain(x[:6], semantics=False)  # rules only: the same symbols and contributions
+    assert torch.equal(light.codes, res.codes) and light.semantics.shape[1] == 0
+    torch.testing.assert_close(light.contributions, res.contributions)
+    assert [r["text"] for r in light.records()] == [r["text"] for r in recs]
     fig = res.plot(max_rows=3)
     assert fig is not None
 

@@ -731,7 +731,8 @@ class HyperbolicRuleExplainer(Explainer):
 
     @torch.no_grad()
     def explain(self, inputs: torch.Tensor, target: torch.Tensor | None = None, *, seed: int = 0,
-                index: torch.Tensor | None = None, ops=None, **kw) -> HyperbolicRuleResult:
+                index: torch.Tensor | None = None, ops=None, semantics: bool = True,
+                **kw) -> HyperbolicRuleResult:
         """Explain a batch. Deterministic (seed is accepted for the common interface and unused).
 
         Args:
@@ -739,6 +740,9 @@ class HyperbolicRuleExplainer(Explainer):
             target: class to explain per input (int or (N,) int64); default f's prediction.
             index: dataset indices of the rows (default arange(N)), stored in the result.
             ops: the operation set (default lfi_fast's; the benchmark passes its baseline).
+            semantics: decode the visual semantics and the attribution (the decoder is most of
+                the cost); False leaves semantics (N, 0, c, H, W), attribution and
+                reconstruction zeros, and the rules unchanged.
         """
         if kw:
             raise TypeError(f"explain() got unexpected keyword arguments {sorted(kw)}")
@@ -763,7 +767,13 @@ class HyperbolicRuleExplainer(Explainer):
         lv = slots[..., 0].clamp_min(0)
         slot_codes = torch.gather(codes, 1, lv[..., None].expand(-1, -1, self.channels))  # (N, S, C)
         slot_masks = (slot_codes == slots[..., 1:2]) & (slots[..., :1] >= 0)
-        recon, sem = self._decode_without(sym["zq"], torch.cat([top_masks, slot_masks], 1), ops)
+        if semantics:
+            recon, sem = self._decode_without(sym["zq"], torch.cat([top_masks, slot_masks], 1), ops)
+        else:
+            img = (cfg.in_channels, cfg.image_size, cfg.image_size)
+            recon = x.new_zeros(n, *img)
+            sem = x.new_zeros(n, ktop, *img)
+            slots = slots[:, :0]
         top_sem, slot_sem = sem[:, :ktop], sem[:, ktop:]
         top_w = torch.zeros(n, ktop, dtype=contrib.dtype, device=contrib.device)
         top_w.scatter_add_(1, codes[:, -1], contrib)
