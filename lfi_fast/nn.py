@@ -251,6 +251,10 @@ class VectorQuantizer(nn.Module):
 
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must be (..., {self.dim}) (got {tuple(x.shape)})")
+        # Dead codes restart before the search, from the usage so far: once the codebook is in
+        # this step's autograd graph it must not change in place.
+        if self.training and self.dead_code_threshold > 0 and x.numel() and self._has_usage():
+            self._restart_dead_codes(x.detach().reshape(-1, self.dim))
         if self.ema_decay is None:
             q, idx, loss = _vq.quantize(x, self.codebook, self.beta, self.metric, self.c)
         else:
@@ -262,11 +266,13 @@ class VectorQuantizer(nn.Module):
                                                       self.ema_sums, self.ema_decay, self.eps)
                     self.ema_counts.copy_(counts)
                     self.ema_sums.copy_(sums)
-                    self.codebook.copy_(cb.to(self.codebook.dtype))
+                    # a new tensor, not copy_: this step's graph holds the old codebook
+                    self.codebook = cb.to(self.codebook.dtype)
         self._statistics(idx)
-        if self.training and self.dead_code_threshold > 0 and idx.numel():
-            self._restart_dead_codes(x.detach().reshape(-1, self.dim), idx)
         return q, idx, loss
+
+    def _has_usage(self) -> bool:
+        return self.ema_decay is not None or getattr(self, "_batch_counts", None) is not None
 
     @torch.no_grad()
     def _statistics(self, idx: torch.Tensor) -> None:
@@ -280,7 +286,7 @@ class VectorQuantizer(nn.Module):
         self._batch_counts = counts
 
     @torch.no_grad()
-    def _restart_dead_codes(self, rows: torch.Tensor, idx: torch.Tensor) -> None:
+    def _restart_dead_codes(self, rows: torch.Tensor) -> None:
         usage = self.ema_counts if self.ema_decay is not None else self._batch_counts
         dead = (usage < self.dead_code_threshold).nonzero().reshape(-1)
         if dead.numel() == 0:

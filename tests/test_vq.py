@@ -471,3 +471,19 @@ def test_fuzz_nearest(n, kk, d, k, metric, dtype, layout, scale, lead, seed):
             idx, dist = vq.nearest(x, cb, metric, k=k)
         assert idx.shape == x.shape[:-1] + ((k,) if k > 1 else ())
         check_nearest(idx, dist, x, cb, metric, k)
+
+
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_vector_quantizer_backward_after_updates(ema):
+    """The EMA update and the dead-code restart must not modify the codebook that this step's
+    autograd graph holds (an in-place update made backward fail)."""
+    torch.manual_seed(0)
+    layer = lfi_fast.nn.VectorQuantizer(16, 4, ema_decay=ema, dead_code_threshold=0.5)
+    x = torch.randn(64, 4, requires_grad=True)
+    before = layer.codebook.detach().clone()
+    for _ in range(3):
+        q, idx, loss = layer(x)
+        (q.square().sum() + loss).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    if ema is not None:
+        assert not torch.equal(layer.codebook, before)  # the EMA did update it
