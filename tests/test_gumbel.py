@@ -225,7 +225,9 @@ def test_intervene(device, backend, hard, k, gen):
     (grad,) = torch.autograd.grad(out, lg, w)
     l64 = logits.clone().requires_grad_(True)
     (grad_e,) = torch.autograd.grad(formula(l64, g, 0.9, hard, mask, targets), l64, w)
-    assert_rows_close(grad, grad_e, dtype=F64, tol=1e-10, what="grad")
+    # softmax's backward, y (w - <w, y>) / tau, cancels in rows where w is nearly <w, y>: a few
+    # ulps of the exp (Triton's is not libm's) show there as ~1e-10 of the row
+    assert_rows_close(grad, grad_e, dtype=F64, tol=1e-9, what="grad")
     assert (grad[mask] == 0).all()
     # mask and targets broadcast: one intervention for the whole batch
     m1 = torch.zeros(6, dtype=torch.bool, device=device)
