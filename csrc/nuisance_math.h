@@ -11,6 +11,8 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <tuple>
+#include <utility>
 
 #include "common.h"
 #include "philox.h"
@@ -123,6 +125,107 @@ inline void check_layer(const at::Tensor& mu, const at::Tensor& weight,
     LFI_CHECK_SAME_DTYPE(mu, b);
     LFI_CHECK_DEVICE(b, mu.device());
   }
+}
+
+// ---- host side: the ATen code of the ops, the same on the CPU and on CUDA -----------------------
+
+// float64 stays float64; the other dtypes compute in float32.
+inline at::ScalarType compute_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+struct Prepared {
+  at::Tensor mu, sd, noise;  // compute dtype, contiguous; sd = exp(logvar_n / 2), posterior only
+};
+
+inline Prepared prepare(const at::Tensor& mu, const at::Tensor& logvar, int64_t ds, bool posterior,
+                        const c10::optional<at::Tensor>& noise) {
+  const auto acc = compute_type(mu.scalar_type());
+  Prepared p;
+  p.mu = mu.to(acc).contiguous();
+  if (posterior) p.sd = logvar.narrow(1, ds, mu.size(1) - ds).to(acc).mul(0.5).exp().contiguous();
+  if (noise.has_value()) p.noise = noise->to(acc).contiguous();
+  return p;
+}
+
+// The shared part hs = mu_s · W_s^T + b (B, H) and W_n transposed (dn, H), in the compute dtype.
+inline std::pair<at::Tensor, at::Tensor> shared_part(const at::Tensor& mu_c, const at::Tensor& weight,
+                                                     const c10::optional<at::Tensor>& bias, int64_t ds) {
+  const auto acc = mu_c.scalar_type();
+  const at::Tensor w = weight.to(acc);
+  const at::Tensor mu_s = mu_c.narrow(1, 0, ds), w_s = w.narrow(1, 0, ds);
+  at::Tensor hs = bias.has_value() ? at::addmm(bias->to(acc), mu_s, w_s.t()) : at::mm(mu_s, w_s.t());
+  return {hs.contiguous(), w.narrow(1, ds, w.size(1) - ds).t().contiguous()};
+}
+
+// Sums over the n samples of each input: (B * n, k) -> (B, k).
+inline at::Tensor per_input(const at::Tensor& t, int64_t b, int64_t n) {
+  return t.view({b, n, t.size(1)}).sum(1);
+}
+
+// z_n (rows, dn) from eps: eps itself (standard prior) or mu_n + sd * eps (posterior).
+inline at::Tensor latent_nuisance(const at::Tensor& eps, const Prepared& p, int64_t n, int64_t ds,
+                                  bool posterior) {
+  if (!posterior) return eps;
+  const int64_t b = p.mu.size(0), dn = p.mu.size(1) - ds;
+  return (eps.view({b, n, dn}) * p.sd.unsqueeze(1) + p.mu.narrow(1, ds, dn).unsqueeze(1))
+      .reshape({b * n, dn});
+}
+
+// The backward of nuisance_sample. regenerate_eps(p) returns the noise the forward drew (rows, dn),
+// in the compute dtype, on the device's own kernel; it is called only for the posterior prior.
+template <typename RegenerateEps>
+std::tuple<at::Tensor, at::Tensor> sample_backward(const at::Tensor& grad, const at::Tensor& mu,
+                                                   const at::Tensor& logvar, int64_t ds, int64_t n,
+                                                   bool posterior,
+                                                   const c10::optional<at::Tensor>& noise,
+                                                   const RegenerateEps& regenerate_eps) {
+  const int64_t b = mu.size(0), d = mu.size(1), dn = d - ds;
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == b * n && grad.size(1) == d,
+              "grad must be (B * n_samples, D) (got ", grad.sizes(), ")");
+  const auto acc = compute_type(mu.scalar_type());
+  const at::Tensor g = grad.to(acc);
+  at::Tensor g_mu = at::zeros({b, d}, mu.options().dtype(acc));
+  at::Tensor g_lv = at::zeros({b, d}, mu.options().dtype(acc));
+  if (b > 0) {
+    g_mu.narrow(1, 0, ds).copy_(per_input(g.narrow(1, 0, ds), b, n));
+    if (posterior) {
+      const Prepared p = prepare(mu, logvar, ds, posterior, noise);
+      const at::Tensor eps = regenerate_eps(p);
+      const at::Tensor g_n = g.narrow(1, ds, dn);
+      g_mu.narrow(1, ds, dn).copy_(per_input(g_n, b, n));
+      g_lv.narrow(1, ds, dn).copy_(per_input(g_n * eps, b, n).mul_(p.sd).mul_(0.5));
+    }
+  }
+  return {g_mu.to(mu.scalar_type()), g_lv.to(mu.scalar_type())};
+}
+
+inline void check_linear_grad(const at::Tensor& grad, int64_t rows, int64_t h) {
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == rows && grad.size(1) == h,
+              "grad must be (B * n_samples, H) = (", rows, ", ", h, ") (got ", grad.sizes(), ")");
+}
+
+// The gradients of nuisance_sample_linear from gpre = grad * act'(pre) (rows, H): two GEMMs for
+// the weight, per-input sums for the bias and mu_s, and (posterior) the chain through z_n.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward_from_gpre(
+    const at::Tensor& gpre, const at::Tensor& eps, const at::Tensor& zn, const Prepared& p,
+    const at::Tensor& weight, int64_t n, int64_t ds, bool posterior, at::ScalarType out_dtype) {
+  const int64_t b = p.mu.size(0), d = p.mu.size(1), dn = d - ds, h = weight.size(0);
+  const at::Tensor w = weight.to(p.mu.scalar_type());
+  const at::Tensor gb = per_input(gpre, b, n);  // (B, H)
+  at::Tensor g_w = at::empty({h, d}, w.options());
+  g_w.narrow(1, 0, ds).copy_(at::mm(gb.t(), p.mu.narrow(1, 0, ds)));
+  g_w.narrow(1, ds, dn).copy_(at::mm(gpre.t(), zn));
+  at::Tensor g_b = gb.sum(0);
+  at::Tensor g_mu = at::zeros({b, d}, w.options());
+  at::Tensor g_lv = at::zeros({b, d}, w.options());
+  g_mu.narrow(1, 0, ds).copy_(at::mm(gb, w.narrow(1, 0, ds)));
+  if (posterior && b > 0) {
+    const at::Tensor gz = at::mm(gpre, w.narrow(1, ds, dn));  // (rows, dn)
+    g_mu.narrow(1, ds, dn).copy_(per_input(gz, b, n));
+    g_lv.narrow(1, ds, dn).copy_(per_input(gz * eps, b, n).mul_(p.sd).mul_(0.5));
+  }
+  return {g_mu.to(out_dtype), g_lv.to(out_dtype), g_w.to(out_dtype), g_b.to(out_dtype)};
 }
 
 }  // namespace nuisance

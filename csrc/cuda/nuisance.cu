@@ -27,12 +27,16 @@ namespace {
 
 using at::Tensor;
 namespace nu = nuisance;
+using nu::compute_type;
+using nu::per_input;
+using nu::Prepared;
+using nu::prepare;
+using nu::shared_part;
 
 constexpr int kBlock = 256;
 
 cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
 
-at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The noise source of a tile's rows: the stream (eps == nullptr) or an explicit eps (rows, dn);
 // then z_n = eps or mu_n + sd * eps (posterior).
@@ -125,19 +129,6 @@ __global__ void sample_tile_kernel(NoiseArgs<T> a, int tile, int64_t out_d, int6
   }
 }
 
-struct Prepared {
-  Tensor mu, sd, noise;  // compute dtype, contiguous
-};
-
-Prepared prepare(const Tensor& mu, const Tensor& logvar, int64_t ds, bool posterior,
-                 const c10::optional<Tensor>& noise) {
-  const auto acc = compute_type(mu.scalar_type());
-  Prepared p;
-  p.mu = mu.to(acc).contiguous();
-  if (posterior) p.sd = logvar.narrow(1, ds, mu.size(1) - ds).to(acc).mul(0.5).exp().contiguous();
-  if (noise.has_value()) p.noise = noise->to(acc).contiguous();
-  return p;
-}
 
 template <typename T>
 NoiseArgs<T> noise_args(const Prepared& p, const Tensor& eps, int64_t d, int64_t ds, int64_t n,
@@ -181,16 +172,7 @@ Tensor regenerate_eps(const Prepared& p, int64_t d, int64_t ds, int64_t n, int64
   return eps;
 }
 
-std::pair<Tensor, Tensor> shared_part(const Tensor& mu_c, const Tensor& weight,
-                                      const c10::optional<Tensor>& bias, int64_t ds) {
-  const auto acc = mu_c.scalar_type();
-  const Tensor w = weight.to(acc);
-  const Tensor mu_s = mu_c.narrow(1, 0, ds), w_s = w.narrow(1, 0, ds);
-  Tensor hs = bias.has_value() ? at::addmm(bias->to(acc), mu_s, w_s.t()) : at::mm(mu_s, w_s.t());
-  return {hs.contiguous(), w.narrow(1, ds, w.size(1) - ds).t().contiguous()};
-}
 
-Tensor per_input(const Tensor& t, int64_t b, int64_t n) { return t.view({b, n, t.size(1)}).sum(1); }
 
 }  // namespace
 
@@ -223,24 +205,10 @@ std::tuple<Tensor, Tensor> nuisance_sample_backward_cuda(const Tensor& grad, con
   nu::check_latent(mu, logvar, ds, n, seed, offset, noise);
   check_cuda(mu, ds);
   const c10::cuda::CUDAGuard guard(mu.device());
-  const int64_t b = mu.size(0), d = mu.size(1), dn = d - ds;
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == b * n && grad.size(1) == d,
-              "grad must be (B * n_samples, D) (got ", grad.sizes(), ")");
-  const auto acc = compute_type(mu.scalar_type());
-  const Tensor g = grad.to(acc);
-  Tensor g_mu = at::zeros({b, d}, mu.options().dtype(acc));
-  Tensor g_lv = at::zeros({b, d}, mu.options().dtype(acc));
-  if (b > 0) {
-    g_mu.narrow(1, 0, ds).copy_(per_input(g.narrow(1, 0, ds), b, n));
-    if (posterior) {
-      const Prepared p = prepare(mu, logvar, ds, posterior, noise);
-      const Tensor eps = regenerate_eps(p, d, ds, n, seed, offset);
-      const Tensor g_n = g.narrow(1, ds, dn);
-      g_mu.narrow(1, ds, dn).copy_(per_input(g_n, b, n));
-      g_lv.narrow(1, ds, dn).copy_(per_input(g_n * eps, b, n).mul_(p.sd).mul_(0.5));
-    }
-  }
-  return {g_mu.to(mu.scalar_type()), g_lv.to(mu.scalar_type())};
+  const int64_t d = mu.size(1);
+  return nu::sample_backward(grad, mu, logvar, ds, n, posterior, noise, [&](const Prepared& q) {
+    return regenerate_eps(q, d, ds, n, seed, offset);
+  });
 }
 
 Tensor nuisance_sample_linear_cuda(const Tensor& mu, const Tensor& logvar, int64_t ds, int64_t n,
@@ -283,15 +251,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nuisance_sample_linear_backward_cuda(
   const c10::cuda::CUDAGuard guard(mu.device());
   const int act = nu::parse_activation(std::string(activation));
   const int64_t b = mu.size(0), d = mu.size(1), dn = d - ds, rows = b * n, h = weight.size(0);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == rows && grad.size(1) == h,
-              "grad must be (B * n_samples, H) = (", rows, ", ", h, ") (got ", grad.sizes(), ")");
+  nu::check_linear_grad(grad, rows, h);
   const auto acc = compute_type(mu.scalar_type());
   const Prepared p = prepare(mu, logvar, ds, posterior, noise);
   const Tensor eps = regenerate_eps(p, d, ds, n, seed, offset);
-  const Tensor zn = posterior
-                        ? (eps.view({b, n, dn}) * p.sd.unsqueeze(1) + p.mu.narrow(1, ds, dn).unsqueeze(1))
-                              .reshape({rows, dn})
-                        : eps;
+  const Tensor zn = nu::latent_nuisance(eps, p, n, ds, posterior);
   const auto [hs, wnT] = shared_part(p.mu, weight, bias, ds);
   const Tensor g = grad.to(acc).contiguous();
   Tensor gpre = act == nu::kNone ? g : at::empty({rows, h}, g.options());
@@ -309,22 +273,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nuisance_sample_linear_backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  const Tensor w = weight.to(acc);
-  const Tensor gb = per_input(gpre, b, n);
-  Tensor g_w = at::empty({h, d}, w.options());
-  g_w.narrow(1, 0, ds).copy_(at::mm(gb.t(), p.mu.narrow(1, 0, ds)));
-  g_w.narrow(1, ds, dn).copy_(at::mm(gpre.t(), zn));
-  Tensor g_b = gb.sum(0);
-  Tensor g_mu = at::zeros({b, d}, w.options());
-  Tensor g_lv = at::zeros({b, d}, w.options());
-  g_mu.narrow(1, 0, ds).copy_(at::mm(gb, w.narrow(1, 0, ds)));
-  if (posterior && b > 0) {
-    const Tensor gz = at::mm(gpre, w.narrow(1, ds, dn));
-    g_mu.narrow(1, ds, dn).copy_(per_input(gz, b, n));
-    g_lv.narrow(1, ds, dn).copy_(per_input(gz * eps, b, n).mul_(p.sd).mul_(0.5));
-  }
-  const auto dt = mu.scalar_type();
-  return {g_mu.to(dt), g_lv.to(dt), g_w.to(dt), g_b.to(dt)};
+  return nu::linear_backward_from_gpre(gpre, eps, zn, p, weight, n, ds, posterior, mu.scalar_type());
 }
 
 TORCH_LIBRARY_IMPL(lfi_fast, CUDA, m) {
