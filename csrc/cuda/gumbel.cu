@@ -11,6 +11,7 @@
 // Half types compute in float32, float64 in double (the noise is float32, as everywhere). The
 // values are checked by the Python layer (one reduction), not here: the kernels never stop the
 // stream to report.
+#include "cuda_common.cuh"
 #include "../common.h"
 #include "../ops.h"
 #include "../philox.h"
@@ -31,10 +32,6 @@ namespace lfi_fast {
 namespace {
 
 using at::Tensor;
-
-#define LFI_D __device__ __forceinline__
-#define LFI_DISPATCH(type, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, name, __VA_ARGS__)
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -358,7 +355,6 @@ __global__ void single_intervention_one_hot_kernel(const int64_t* __restrict__ c
 
 // ---- launchers -------------------------------------------------------------------------------------
 
-cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
 
 unsigned grid_for(int64_t items, int64_t per_block) {
   const int64_t blocks = (items + per_block - 1) / per_block;
@@ -418,17 +414,17 @@ void launch_forward(const Tensor& l, const Checked& c, double tau, Tensor& out) 
   const SampleArgs& a = c.args;
   const int64_t cpr = (a.k + 3) / 4;
   if (a.k == 2) {
-    fwd_binary_kernel<scalar_t><<<grid_for(a.rows, kThreads), kThreads, 0, stream()>>>(lp, np, op, a, inv_tau);
+    fwd_binary_kernel<scalar_t><<<grid_for(a.rows, kThreads), kThreads, 0, current_stream()>>>(lp, np, op, a, inv_tau);
   } else if (cpr <= 32) {
-    fwd_warp_kernel<scalar_t, 1><<<grid_for(a.rows, kWarps), kThreads, 0, stream()>>>(lp, np, op, a, inv_tau);
+    fwd_warp_kernel<scalar_t, 1><<<grid_for(a.rows, kWarps), kThreads, 0, current_stream()>>>(lp, np, op, a, inv_tau);
   } else if (cpr <= 64) {
-    fwd_warp_kernel<scalar_t, 2><<<grid_for(a.rows, kWarps), kThreads, 0, stream()>>>(lp, np, op, a, inv_tau);
+    fwd_warp_kernel<scalar_t, 2><<<grid_for(a.rows, kWarps), kThreads, 0, current_stream()>>>(lp, np, op, a, inv_tau);
   } else if (cpr <= 128) {
-    fwd_warp_kernel<scalar_t, 4><<<grid_for(a.rows, kWarps), kThreads, 0, stream()>>>(lp, np, op, a, inv_tau);
+    fwd_warp_kernel<scalar_t, 4><<<grid_for(a.rows, kWarps), kThreads, 0, current_stream()>>>(lp, np, op, a, inv_tau);
   } else if (cpr <= 256) {
-    fwd_warp_kernel<scalar_t, 8><<<grid_for(a.rows, kWarps), kThreads, 0, stream()>>>(lp, np, op, a, inv_tau);
+    fwd_warp_kernel<scalar_t, 8><<<grid_for(a.rows, kWarps), kThreads, 0, current_stream()>>>(lp, np, op, a, inv_tau);
   } else {
-    fwd_block_kernel<scalar_t><<<grid_for(a.rows, 1), kThreads, 0, stream()>>>(lp, np, op, a, inv_tau);
+    fwd_block_kernel<scalar_t><<<grid_for(a.rows, 1), kThreads, 0, current_stream()>>>(lp, np, op, a, inv_tau);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -474,7 +470,7 @@ Tensor gumbel_softmax_backward_cuda(const Tensor& grad, const Tensor& logits, co
   LFI_DISPATCH(l.scalar_type(), "gumbel_softmax_backward_cuda", [&] {
     using acc_t = typename AccT<scalar_t>::type;
     const acc_t* np = c.noise.defined() ? c.noise.const_data_ptr<acc_t>() : nullptr;
-    bwd_warp_kernel<scalar_t><<<grid_for(c.args.rows, kWarps), kThreads, 0, stream()>>>(
+    bwd_warp_kernel<scalar_t><<<grid_for(c.args.rows, kWarps), kThreads, 0, current_stream()>>>(
         g.const_data_ptr<scalar_t>(), l.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), np,
         gl.mutable_data_ptr<scalar_t>(), c.args, static_cast<acc_t>(1.0 / tau));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -489,7 +485,7 @@ Tensor single_interventions_cuda(const Tensor& codes, int64_t num_categories) {
   Tensor out = at::empty({b, v * k1, v}, c.options());
   const int64_t total = out.numel();
   if (total == 0) return out;
-  single_interventions_kernel<<<grid_for(total, kThreads), kThreads, 0, stream()>>>(
+  single_interventions_kernel<<<grid_for(total, kThreads), kThreads, 0, current_stream()>>>(
       c.const_data_ptr<int64_t>(), out.mutable_data_ptr<int64_t>(), total, v, k1);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -504,7 +500,7 @@ Tensor single_intervention_one_hot_cuda(const Tensor& codes, int64_t num_categor
   const int64_t total = out.numel();
   if (total == 0) return out;
   LFI_DISPATCH(dtype, "single_intervention_one_hot_cuda", [&] {
-    single_intervention_one_hot_kernel<scalar_t><<<grid_for(total, kThreads), kThreads, 0, stream()>>>(
+    single_intervention_one_hot_kernel<scalar_t><<<grid_for(total, kThreads), kThreads, 0, current_stream()>>>(
         c.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), total, v, k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -13,6 +13,7 @@
 // c is a 0-dim tensor on the CPU (its value is passed to the kernel) or on the inputs' device (the
 // kernel reads it: the host never waits for the stream). The gradient of c is written per row (or
 // per block) and summed by at::sum: deterministic, unlike atomics.
+#include "cuda_common.cuh"
 #include "../hyperbolic_math.h"
 #include "../ops.h"
 
@@ -33,12 +34,6 @@ namespace lfi_fast {
 namespace {
 
 using at::Tensor;
-
-#define LFI_D __device__ __forceinline__
-// Every op takes the four floating dtypes; the lambdas only call templated launchers (a #pragma
-// cannot appear inside them).
-#define LFI_DISPATCH(type, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, name, __VA_ARGS__)
 
 constexpr int kBlock = 256;
 // Packs per thread and tensor kept in registers for rows longer than one pack per thread: rows of
@@ -742,7 +737,6 @@ std::vector<int64_t> rows_shape(std::vector<int64_t> shape) {
   return shape;
 }
 
-cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
 
 // ---- launching the row kernel -------------------------------------------------------------------
 
@@ -782,7 +776,7 @@ void launch_rows(const P& p, int64_t rows) {
   const auto kernel = !vec             ? row_kernel<P, 1, kChunks>
                       : packs <= group ? row_kernel<P, kVec, 1>
                                        : row_kernel<P, kVec, kChunks>;
-  kernel<<<static_cast<unsigned>(blocks), kBlock, 0, stream()>>>(p, rows, group);
+  kernel<<<static_cast<unsigned>(blocks), kBlock, 0, current_stream()>>>(p, rows, group);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1047,7 +1041,7 @@ void pair_dist_fwd_launch(const Tensor& x2, const Tensor& y2, const Tensor& xy, 
   const int64_t n = out.size(0), m = out.size(1);
   const dim3 grid(static_cast<unsigned>((m + kBlock - 1) / kBlock),
                   static_cast<unsigned>(std::min<int64_t>(n, 65535)));
-  pair_dist_fwd_kernel<scalar_t><<<grid, kBlock, 0, stream()>>>(
+  pair_dist_fwd_kernel<scalar_t><<<grid, kBlock, 0, current_stream()>>>(
       x2.const_data_ptr<acc_t>(), y2.const_data_ptr<acc_t>(), xy.const_data_ptr<acc_t>(),
       out.mutable_data_ptr<scalar_t>(), n, m, c.get<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1060,7 +1054,7 @@ void pair_dist_bwd_launch(const Tensor& g, const Tensor& x2, const Tensor& y2, c
   using acc_t = compute_t<scalar_t>;
   const int64_t n = gxy.size(0), m = gxy.size(1);
   const dim3 grid(static_cast<unsigned>(gy2_part.size(0)), static_cast<unsigned>(gx2_part.size(0)));
-  pair_dist_bwd_kernel<scalar_t><<<grid, kBlock, 0, stream()>>>(
+  pair_dist_bwd_kernel<scalar_t><<<grid, kBlock, 0, current_stream()>>>(
       g.const_data_ptr<scalar_t>(), x2.const_data_ptr<acc_t>(), y2.const_data_ptr<acc_t>(),
       xy.const_data_ptr<acc_t>(), gxy.mutable_data_ptr<acc_t>(), gx2_part.mutable_data_ptr<acc_t>(),
       gy2_part.mutable_data_ptr<acc_t>(), ptr_or_null<acc_t>(gc_part), n, m, c.get<acc_t>());

@@ -9,6 +9,7 @@
 // noise never reaches global memory. The backward runs the same tile kernel on the regenerated
 // noise to produce grad * act'(pre) without storing pre, and leaves the rest to GEMMs and sums.
 // Half types compute in float32.
+#include "cuda_common.cuh"
 #include "../nuisance_math.h"
 #include "../ops.h"
 
@@ -35,7 +36,6 @@ using nu::shared_part;
 
 constexpr int kBlock = 256;
 
-cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
 
 
 // The noise source of a tile's rows: the stream (eps == nullptr) or an explicit eps (rows, dn);
@@ -165,7 +165,7 @@ Tensor regenerate_eps(const Prepared& p, int64_t d, int64_t ds, int64_t n, int64
     const int tile = tile_rows(dn, sizeof(scalar_t));
     const int64_t blocks = (rows + tile - 1) / tile;
     sample_tile_kernel<scalar_t, scalar_t><<<static_cast<unsigned>(blocks), kBlock,
-                                             tile * dn * sizeof(scalar_t), stream()>>>(
+                                             tile * dn * sizeof(scalar_t), current_stream()>>>(
         a, tile, dn, 0, eps.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -192,7 +192,7 @@ Tensor nuisance_sample_cuda(const Tensor& mu, const Tensor& logvar, int64_t ds, 
     const int tile = tile_rows(dn, sizeof(T));
     const int64_t blocks = (rows + tile - 1) / tile;
     sample_tile_kernel<scalar_t, T><<<static_cast<unsigned>(blocks), kBlock, tile * dn * sizeof(T),
-                                      stream()>>>(a, tile, d, ds, out.data_ptr<scalar_t>());
+                                      current_stream()>>>(a, tile, d, ds, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -232,7 +232,7 @@ Tensor nuisance_sample_linear_cuda(const Tensor& mu, const Tensor& logvar, int64
     const int tile = tile_rows(dn, sizeof(T));
     const int64_t blocks = (rows + tile - 1) / tile;
     linear_tile_kernel<scalar_t, T><<<static_cast<unsigned>(blocks), kBlock, tile * dn * sizeof(T),
-                                      stream()>>>(
+                                      current_stream()>>>(
         a, tile, hs.data_ptr<T>(), wnT.data_ptr<T>(), h, act, static_cast<T>(negative_slope),
         out.data_ptr<scalar_t>(), nullptr, nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -267,7 +267,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nuisance_sample_linear_backward_cuda(
       const int tile = tile_rows(dn, sizeof(T));
       const int64_t blocks = (rows + tile - 1) / tile;
       linear_tile_kernel<T, T><<<static_cast<unsigned>(blocks), kBlock, tile * dn * sizeof(T),
-                                 stream()>>>(
+                                 current_stream()>>>(
           a, tile, hs.data_ptr<T>(), wnT.data_ptr<T>(), h, act, static_cast<T>(negative_slope),
           nullptr, g.data_ptr<T>(), gpre.data_ptr<T>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -13,6 +13,7 @@
 // The codebook gradient of quantize: atomics, or, when torch.are_deterministic_algorithms_enabled(),
 // a stable sort of the indices and one block per code summing its rows in order. The EMA update
 // always takes the sort path: deterministic.
+#include "cuda_common.cuh"
 #include "../hyperbolic_math.h"
 #include "../ops.h"
 
@@ -34,10 +35,6 @@ namespace {
 
 using at::Tensor;
 
-#define LFI_D __device__ __forceinline__
-#define LFI_DISPATCH(type, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, name, __VA_ARGS__)
-
 constexpr int kThreads = 256;  // 16 x 16
 constexpr int kBM = 64;        // rows per block
 constexpr int kBD = 16;        // coordinates per shared-memory step
@@ -54,7 +51,6 @@ Metric parse_metric(std::string_view m) {
   TORCH_CHECK(false, "metric must be one of l2, cosine, poincare (got '", std::string(m), "')");
 }
 
-cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -274,7 +270,7 @@ void launch_nearest(const Tensor& x, const CodeSide& cs, bool normalize, int64_t
                     Tensor& idx) {
   const int64_t n = x.size(0), d = x.size(1);
   const dim3 grid(static_cast<unsigned>(ceil_div(n, kBM)));
-  nearest_kernel<scalar_t, T, BN, MAXK><<<grid, kThreads, 0, stream()>>>(
+  nearest_kernel<scalar_t, T, BN, MAXK><<<grid, kThreads, 0, current_stream()>>>(
       x.const_data_ptr<scalar_t>(), cs.w.const_data_ptr<T>(), cs.bias.const_data_ptr<T>(),
       cs.scale.defined() ? cs.scale.const_data_ptr<T>() : nullptr, normalize, n, kk, d, k,
       idx.mutable_data_ptr<int64_t>());
@@ -392,7 +388,7 @@ std::tuple<Tensor, Tensor> sum_rows_per_code(const Tensor& x, const Tensor& idx,
   if (!deterministic) {
     const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(n * d, kThreads), 65535));
     LFI_DISPATCH(x.scalar_type(), "vq_scatter_atomic", [&] {
-      scatter_rows_atomic_kernel<scalar_t><<<blocks, kThreads, 0, stream()>>>(
+      scatter_rows_atomic_kernel<scalar_t><<<blocks, kThreads, 0, current_stream()>>>(
           x.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(), n, kk, d,
           acc.mutable_data_ptr<double>(), cnt.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -407,7 +403,7 @@ std::tuple<Tensor, Tensor> sum_rows_per_code(const Tensor& x, const Tensor& idx,
   const int threads = static_cast<int>(std::min<int64_t>(std::max<int64_t>(d, 32), kThreads));
   const int blocks = static_cast<int>(std::min<int64_t>(kk, 65535));
   LFI_DISPATCH(x.scalar_type(), "vq_sum_rows_sorted", [&] {
-    sum_rows_sorted_kernel<scalar_t><<<blocks, threads, 0, stream()>>>(
+    sum_rows_sorted_kernel<scalar_t><<<blocks, threads, 0, current_stream()>>>(
         x.const_data_ptr<scalar_t>(), perm.const_data_ptr<int64_t>(),
         start.const_data_ptr<int64_t>(), kk, d, acc.mutable_data_ptr<double>(),
         cnt.mutable_data_ptr<double>());
@@ -453,7 +449,7 @@ std::tuple<Tensor, Tensor> vq_nearest_cuda(const Tensor& x, const Tensor& codebo
   LFI_DISPATCH(x.scalar_type(), "vq_exact_distance", [&] {
     const int64_t total = n * k;
     exact_distance_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(total, kThreads)), kThreads, 0,
-                                      stream()>>>(
+                                      current_stream()>>>(
         xc.const_data_ptr<scalar_t>(), cbc.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
         cdev.const_data_ptr<double>(), static_cast<int>(m), n, kk, d, static_cast<int>(k),
         exact.mutable_data_ptr<double>());
@@ -482,7 +478,7 @@ std::tuple<Tensor, Tensor> vq_quantize_cuda(const Tensor& x, const Tensor& codeb
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(total, kThreads), 1024));
   Tensor partial = at::empty({blocks}, x.options().dtype(at::kDouble));
   LFI_DISPATCH(x.scalar_type(), "vq_quantize_cuda", [&] {
-    quantize_kernel<scalar_t><<<blocks, kThreads, 0, stream()>>>(
+    quantize_kernel<scalar_t><<<blocks, kThreads, 0, current_stream()>>>(
         xc.const_data_ptr<scalar_t>(), cbc.const_data_ptr<scalar_t>(), ic.const_data_ptr<int64_t>(),
         n, kk, d, q.mutable_data_ptr<scalar_t>(), partial.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -510,7 +506,7 @@ std::tuple<Tensor, Tensor> vq_quantize_backward_cuda(const Tensor& grad_q, const
   const Tensor gqc = grad_q.to(x.scalar_type()).contiguous();
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(n * d, kThreads), 65535));
   LFI_DISPATCH(x.scalar_type(), "vq_quantize_backward_cuda", [&] {
-    quantize_grad_x_kernel<scalar_t><<<blocks, kThreads, 0, stream()>>>(
+    quantize_grad_x_kernel<scalar_t><<<blocks, kThreads, 0, current_stream()>>>(
         gqc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), cbc.const_data_ptr<scalar_t>(),
         ic.const_data_ptr<int64_t>(), gl.const_data_ptr<double>(), beta, inv_m, n, kk, d,
         gx.mutable_data_ptr<scalar_t>());
