@@ -76,27 +76,25 @@ template <typename Op, typename scalar_t>
 void binary_fwd_kernel(const RowView& xv, const RowView& yv, Tensor& out, int64_t n, int64_t d,
                        double cv, bool project) {
   using acc_t = compute_t<scalar_t>;
-  using stat_t = acc_t;
   const scalar_t* xp = xv.t.const_data_ptr<scalar_t>();
   const scalar_t* yp = yv.t.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  const stat_t cc = cv, eps = ball_eps<scalar_t>();
+  const acc_t cc = static_cast<acc_t>(cv), eps = acc_t(ball_eps<scalar_t>());
   at::parallel_for(0, n, grain_rows(d), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* xr = xp + i * xv.row_stride;
       const scalar_t* yr = yp + i * yv.row_stride;
       scalar_t* orow = op + i * d;
-      stat_t x2 = 0, y2 = 0, xy = 0;
+      acc_t x2 = 0, y2 = 0, xy = 0;
 #pragma omp simd reduction(+ : x2, y2, xy)
       for (int64_t j = 0; j < d; ++j) {
-        const stat_t a = xr[j], b = yr[j];
+        const acc_t a = xr[j], b = yr[j];
         x2 += a * a;
         y2 += b * b;
         xy += a * b;
       }
-      stat_t sa, sb;
-      hyp::binary_fwd<Op>(x2, y2, xy, cc, eps, project, sa, sb);
-      const acc_t a = static_cast<acc_t>(sa), b = static_cast<acc_t>(sb);
+      acc_t a, b;
+      hyp::binary_fwd<Op>(x2, y2, xy, cc, eps, project, a, b);
 #pragma omp simd
       for (int64_t j = 0; j < d; ++j) {
         orow[j] = static_cast<scalar_t>(a * acc_t(xr[j]) + b * acc_t(yr[j]));
@@ -109,21 +107,20 @@ template <typename Op, typename scalar_t>
 double binary_bwd_kernel(const RowView& gv, const RowView& xv, const RowView& yv, Tensor& gx,
                          Tensor& gy, int64_t n, int64_t d, double cv, bool project) {
   using acc_t = compute_t<scalar_t>;
-  using stat_t = acc_t;
   const scalar_t* xp = xv.t.const_data_ptr<scalar_t>();
   const scalar_t* yp = yv.t.const_data_ptr<scalar_t>();
   const scalar_t* gp = gv.t.const_data_ptr<scalar_t>();
   scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
   scalar_t* gyp = gy.mutable_data_ptr<scalar_t>();
-  const stat_t cc = cv, eps = ball_eps<scalar_t>();
+  const acc_t cc = static_cast<acc_t>(cv), eps = acc_t(ball_eps<scalar_t>());
   return sum_rows(n, d, [&](int64_t i) {
     const scalar_t* xr = xp + i * xv.row_stride;
     const scalar_t* yr = yp + i * yv.row_stride;
     const scalar_t* gr = gp + i * gv.row_stride;
-    stat_t x2 = 0, y2 = 0, xy = 0, gxd = 0, gyd = 0;
+    acc_t x2 = 0, y2 = 0, xy = 0, gxd = 0, gyd = 0;
 #pragma omp simd reduction(+ : x2, y2, xy, gxd, gyd)
     for (int64_t j = 0; j < d; ++j) {
-      const stat_t a = xr[j], b = yr[j], g = gr[j];
+      const acc_t a = xr[j], b = yr[j], g = gr[j];
       x2 += a * a;
       y2 += b * b;
       xy += a * b;
@@ -131,15 +128,13 @@ double binary_bwd_kernel(const RowView& gv, const RowView& xv, const RowView& yv
       gyd += g * b;
     }
     const auto k = hyp::binary_bwd<Op>(x2, y2, xy, gxd, gyd, cc, eps, project);
-    const acc_t gx_g = acc_t(k.gx_g), gx_x = acc_t(k.gx_x), gx_y = acc_t(k.gx_y);
-    const acc_t gy_g = acc_t(k.gy_g), gy_x = acc_t(k.gy_x), gy_y = acc_t(k.gy_y);
     scalar_t* oxr = gxp + i * d;
     scalar_t* oyr = gyp + i * d;
 #pragma omp simd
     for (int64_t j = 0; j < d; ++j) {
       const acc_t a = xr[j], b = yr[j], g = gr[j];
-      oxr[j] = static_cast<scalar_t>(gx_g * g + gx_x * a + gx_y * b);
-      oyr[j] = static_cast<scalar_t>(gy_g * g + gy_x * a + gy_y * b);
+      oxr[j] = static_cast<scalar_t>(k.gx_g * g + k.gx_x * a + k.gx_y * b);
+      oyr[j] = static_cast<scalar_t>(k.gy_g * g + k.gy_x * a + k.gy_y * b);
     }
     return static_cast<double>(k.gc);
   });
@@ -188,19 +183,18 @@ template <typename Op, typename scalar_t>
 void unary_fwd_kernel(const RowView& xv, const scalar_t* rp, int64_t sr, Tensor& out, int64_t n,
                       int64_t d, double cv, bool project) {
   using acc_t = compute_t<scalar_t>;
-  using stat_t = acc_t;
   const scalar_t* xp = xv.t.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  const stat_t cc = cv, eps = ball_eps<scalar_t>();
+  const acc_t cc = static_cast<acc_t>(cv), eps = acc_t(ball_eps<scalar_t>());
   at::parallel_for(0, n, grain_rows(d), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* xr = xp + i * xv.row_stride;
       scalar_t* orow = op + i * d;
-      stat_t x2 = 0;
+      acc_t x2 = 0;
 #pragma omp simd reduction(+ : x2)
-      for (int64_t j = 0; j < d; ++j) x2 += stat_t(xr[j]) * stat_t(xr[j]);
-      const stat_t r = rp != nullptr ? stat_t(rp[i * sr]) : stat_t(0);
-      const acc_t f = static_cast<acc_t>(hyp::unary_fwd<Op>(x2, cc, r, eps, project));
+      for (int64_t j = 0; j < d; ++j) x2 += acc_t(xr[j]) * acc_t(xr[j]);
+      const acc_t r = rp != nullptr ? acc_t(rp[i * sr]) : acc_t(0);
+      const acc_t f = hyp::unary_fwd<Op>(x2, cc, r, eps, project);
 #pragma omp simd
       for (int64_t j = 0; j < d; ++j) orow[j] = static_cast<scalar_t>(f * acc_t(xr[j]));
     }
@@ -212,28 +206,26 @@ template <typename Op, typename scalar_t>
 double unary_bwd_kernel(const RowView& gv, const RowView& xv, const scalar_t* rp, int64_t sr,
                         Tensor& gx, scalar_t* gr, int64_t n, int64_t d, double cv, bool project) {
   using acc_t = compute_t<scalar_t>;
-  using stat_t = acc_t;
   const scalar_t* xp = xv.t.const_data_ptr<scalar_t>();
   const scalar_t* gp = gv.t.const_data_ptr<scalar_t>();
   scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-  const stat_t cc = cv, eps = ball_eps<scalar_t>();
+  const acc_t cc = static_cast<acc_t>(cv), eps = acc_t(ball_eps<scalar_t>());
   return sum_rows(n, d, [&](int64_t i) {
     const scalar_t* xr = xp + i * xv.row_stride;
     const scalar_t* grow = gp + i * gv.row_stride;
-    stat_t x2 = 0, gxd = 0;
+    acc_t x2 = 0, gxd = 0;
 #pragma omp simd reduction(+ : x2, gxd)
     for (int64_t j = 0; j < d; ++j) {
-      const stat_t a = xr[j];
+      const acc_t a = xr[j];
       x2 += a * a;
-      gxd += stat_t(grow[j]) * a;
+      gxd += acc_t(grow[j]) * a;
     }
-    const stat_t r = rp != nullptr ? stat_t(rp[i * sr]) : stat_t(0);
+    const acc_t r = rp != nullptr ? acc_t(rp[i * sr]) : acc_t(0);
     const auto k = hyp::unary_bwd<Op>(x2, gxd, cc, r, eps, project);
-    const acc_t gx_g = acc_t(k.gx_g), gx_x = acc_t(k.gx_x);
     scalar_t* oxr = gxp + i * d;
 #pragma omp simd
     for (int64_t j = 0; j < d; ++j) {
-      oxr[j] = static_cast<scalar_t>(gx_g * acc_t(grow[j]) + gx_x * acc_t(xr[j]));
+      oxr[j] = static_cast<scalar_t>(k.gx_g * acc_t(grow[j]) + k.gx_x * acc_t(xr[j]));
     }
     if (gr != nullptr) gr[i] = static_cast<scalar_t>(k.gr);
     return static_cast<double>(k.gc);
@@ -320,28 +312,27 @@ template <typename scalar_t>
 void dist_fwd_kernel(const RowView& xv, const RowView& yv, Tensor& out, int64_t n, int64_t d,
                      double cv) {
   using acc_t = compute_t<scalar_t>;
-  using stat_t = acc_t;
   const scalar_t* xp = xv.t.const_data_ptr<scalar_t>();
   const scalar_t* yp = yv.t.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  const stat_t cc = cv;
+  const acc_t cc = static_cast<acc_t>(cv);
   at::parallel_for(0, n, grain_rows(d), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* xr = xp + i * xv.row_stride;
       const scalar_t* yr = yp + i * yv.row_stride;
-      stat_t x2 = 0, y2 = 0, xy = 0;
+      acc_t x2 = 0, y2 = 0, xy = 0;
 #pragma omp simd reduction(+ : x2, y2, xy)
       for (int64_t j = 0; j < d; ++j) {
-        const stat_t a = xr[j], b = yr[j];
+        const acc_t a = xr[j], b = yr[j];
         x2 += a * a;
         y2 += b * b;
         xy += a * b;
       }
-      stat_t sa, sb, s2 = 0;
+      acc_t sa, sb, s2 = 0;
       hyp::dist_sub(x2, y2, xy, cc, sa, sb);
 #pragma omp simd reduction(+ : s2)
       for (int64_t j = 0; j < d; ++j) {
-        const stat_t s = sa * stat_t(xr[j]) + sb * stat_t(yr[j]);
+        const acc_t s = sa * acc_t(xr[j]) + sb * acc_t(yr[j]);
         s2 += s * s;
       }
       op[i] = static_cast<scalar_t>(hyp::dist_from_sq(s2, cc));
@@ -355,46 +346,45 @@ template <typename scalar_t>
 double dist_bwd_kernel(const scalar_t* gp, const RowView& xv, const RowView& yv, Tensor& gx,
                        Tensor& gy, int64_t n, int64_t d, double cv) {
   using acc_t = compute_t<scalar_t>;
-  using stat_t = acc_t;
-  using D4 = hyp::Dual<stat_t, 4>;
-  using D2 = hyp::Dual<stat_t, 2>;
+  using D4 = hyp::Dual<acc_t, 4>;
+  using D2 = hyp::Dual<acc_t, 2>;
   const scalar_t* xp = xv.t.const_data_ptr<scalar_t>();
   const scalar_t* yp = yv.t.const_data_ptr<scalar_t>();
   scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
   scalar_t* gyp = gy.mutable_data_ptr<scalar_t>();
-  const stat_t cc = cv;
+  const acc_t cc = static_cast<acc_t>(cv);
   return sum_rows(n, d, [&](int64_t i) {
     const scalar_t* xr = xp + i * xv.row_stride;
     const scalar_t* yr = yp + i * yv.row_stride;
-    stat_t x2 = 0, y2 = 0, xy = 0;
+    acc_t x2 = 0, y2 = 0, xy = 0;
 #pragma omp simd reduction(+ : x2, y2, xy)
     for (int64_t j = 0; j < d; ++j) {
-      const stat_t a = xr[j], b = yr[j];
+      const acc_t a = xr[j], b = yr[j];
       x2 += a * a;
       y2 += b * b;
       xy += a * b;
     }
     D4 sa, sb;
     hyp::dist_sub(D4::var(x2, 0), D4::var(y2, 1), D4::var(xy, 2), D4::var(cc, 3), sa, sb);
-    stat_t s2 = 0, sx = 0, sy = 0;
+    acc_t s2 = 0, sx = 0, sy = 0;
 #pragma omp simd reduction(+ : s2, sx, sy)
     for (int64_t j = 0; j < d; ++j) {
-      const stat_t a = xr[j], b = yr[j];
-      const stat_t s = sa.v * a + sb.v * b;
+      const acc_t a = xr[j], b = yr[j];
+      const acc_t s = sa.v * a + sb.v * b;
       s2 += s * s;
       sx += s * a;
       sy += s * b;
     }
     const D2 dist = hyp::dist_from_sq(D2::var(s2, 0), D2::var(cc, 1));
-    const stat_t g = stat_t(gp[i]);
-    const stat_t gs2 = g * dist.d[0];  // dL/d|s|^2
-    stat_t L[4];                        // dL/d(x2, y2, xy, c) through (sa, sb)
+    const acc_t g = acc_t(gp[i]);
+    const acc_t gs2 = g * dist.d[0];  // dL/d|s|^2
+    acc_t L[4];                        // dL/d(x2, y2, xy, c) through (sa, sb)
 #pragma unroll
-    for (int k = 0; k < 4; ++k) L[k] = 2.0 * gs2 * (sx * sa.d[k] + sy * sb.d[k]);
+    for (int k = 0; k < 4; ++k) L[k] = acc_t(2) * gs2 * (sx * sa.d[k] + sy * sb.d[k]);
     // grad_x = 2 gs2 sa s + 2 L_x2 x + L_xy y, s = sa x + sb y ; grad_y likewise.
-    const stat_t ks = 2.0 * gs2;
-    const acc_t gx_x = acc_t(ks * sa.v * sa.v + 2.0 * L[0]), gx_y = acc_t(ks * sa.v * sb.v + L[2]);
-    const acc_t gy_x = acc_t(ks * sb.v * sa.v + L[2]), gy_y = acc_t(ks * sb.v * sb.v + 2.0 * L[1]);
+    const acc_t ks = acc_t(2) * gs2;
+    const acc_t gx_x = ks * sa.v * sa.v + acc_t(2) * L[0], gx_y = ks * sa.v * sb.v + L[2];
+    const acc_t gy_x = ks * sb.v * sa.v + L[2], gy_y = ks * sb.v * sb.v + acc_t(2) * L[1];
     scalar_t* oxr = gxp + i * d;
     scalar_t* oyr = gyp + i * d;
 #pragma omp simd
@@ -410,16 +400,15 @@ double dist_bwd_kernel(const scalar_t* gp, const RowView& xv, const RowView& yv,
 template <typename scalar_t>
 void dist0_fwd_kernel(const RowView& xv, Tensor& out, int64_t n, int64_t d, double cv) {
   using acc_t = compute_t<scalar_t>;
-  using stat_t = acc_t;
   const scalar_t* xp = xv.t.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  const stat_t cc = cv;
+  const acc_t cc = static_cast<acc_t>(cv);
   at::parallel_for(0, n, grain_rows(d), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* xr = xp + i * xv.row_stride;
-      stat_t x2 = 0;
+      acc_t x2 = 0;
 #pragma omp simd reduction(+ : x2)
-      for (int64_t j = 0; j < d; ++j) x2 += stat_t(xr[j]) * stat_t(xr[j]);
+      for (int64_t j = 0; j < d; ++j) x2 += acc_t(xr[j]) * acc_t(xr[j]);
       op[i] = static_cast<scalar_t>(hyp::dist0(x2, cc));
     }
   });
@@ -429,19 +418,17 @@ template <typename scalar_t>
 double dist0_bwd_kernel(const scalar_t* gp, const RowView& xv, Tensor& gx, int64_t n, int64_t d,
                         double cv) {
   using acc_t = compute_t<scalar_t>;
-  using stat_t = acc_t;
-  using D2 = hyp::Dual<stat_t, 2>;
+  using D2 = hyp::Dual<acc_t, 2>;
   const scalar_t* xp = xv.t.const_data_ptr<scalar_t>();
   scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-  const stat_t cc = cv;
+  const acc_t cc = static_cast<acc_t>(cv);
   return sum_rows(n, d, [&](int64_t i) {
     const scalar_t* xr = xp + i * xv.row_stride;
-    stat_t x2 = 0;
+    acc_t x2 = 0;
 #pragma omp simd reduction(+ : x2)
-    for (int64_t j = 0; j < d; ++j) x2 += stat_t(xr[j]) * stat_t(xr[j]);
+    for (int64_t j = 0; j < d; ++j) x2 += acc_t(xr[j]) * acc_t(xr[j]);
     const D2 f = hyp::dist0(D2::var(x2, 0), D2::var(cc, 1));
-    const stat_t g = stat_t(gp[i]);
-    const acc_t k = acc_t(2.0 * g * f.d[0]);
+    const acc_t g = acc_t(gp[i]), k = acc_t(2) * g * f.d[0];
     scalar_t* oxr = gxp + i * d;
 #pragma omp simd
     for (int64_t j = 0; j < d; ++j) oxr[j] = static_cast<scalar_t>(k * acc_t(xr[j]));
@@ -464,7 +451,7 @@ void check_matrix_pair(const Tensor& x, const Tensor& y) {
               "x and y must be (N, D) and (M, D) (got x: ", x.sizes(), ", y: ", y.sizes(), ")");
 }
 
-// Row squared norms and the Gram matrix in compute_type.
+// Row squared norms and the Gram matrix in the compute type (compute_t).
 std::tuple<Tensor, Tensor, Tensor> gram(const Tensor& x, const Tensor& y) {
   const auto acc = row_compute_type(x.scalar_type());
   const Tensor xa = x.to(acc), ya = y.to(acc);
@@ -615,24 +602,26 @@ std::tuple<Tensor, Tensor> dist0_backward_cpu(const Tensor& grad, const Tensor& 
 Tensor pairwise_dist_cpu(const Tensor& x, const Tensor& y, const Tensor& c) {
   check_matrix_pair(x, y);
   const double cv = curvature(c);
-  if (x.size(0) == 0 || y.size(0) == 0) return at::empty({x.size(0), y.size(0)}, x.options());
+  Tensor out = at::empty({x.size(0), y.size(0)}, x.options());
+  if (out.numel() == 0) return out;
   auto [x2, y2, xy] = gram(x, y);
-  Tensor out = at::empty({x.size(0), y.size(0)}, x2.options());  // compute_type, then x's dtype
-  AT_DISPATCH_FLOATING_TYPES(x2.scalar_type(), "pairwise_dist", [&] {
-    using T = scalar_t;
-    const T* x2p = x2.const_data_ptr<T>();
-    const T* y2p = y2.const_data_ptr<T>();
-    const T* xyp = xy.const_data_ptr<T>();
-    T* op = out.mutable_data_ptr<T>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pairwise_dist", [&] {
+    using acc_t = compute_t<scalar_t>;
+    const acc_t* x2p = x2.const_data_ptr<acc_t>();
+    const acc_t* y2p = y2.const_data_ptr<acc_t>();
+    const acc_t* xyp = xy.const_data_ptr<acc_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const int64_t m = y.size(0);
-    const T cc = static_cast<T>(cv);
+    const acc_t cc = static_cast<acc_t>(cv);
     at::parallel_for(0, x.size(0), grain_rows(m), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        for (int64_t j = 0; j < m; ++j) op[i * m + j] = pair_dist(x2p[i], y2p[j], xyp[i * m + j], cc);
+        for (int64_t j = 0; j < m; ++j) {
+          op[i * m + j] = static_cast<scalar_t>(pair_dist(x2p[i], y2p[j], xyp[i * m + j], cc));
+        }
       }
     });
   });
-  return out.to(x.scalar_type());
+  return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor> pairwise_dist_backward_cpu(const Tensor& grad, const Tensor& x,
@@ -694,14 +683,13 @@ Tensor mobius_matvec_cpu(const Tensor& m, const Tensor& x, const Tensor& c, bool
   const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   const Tensor x2d = x.reshape({rows, din}).to(acc).contiguous();
   const Tensor mx = at::matmul(x2d, m.to(acc).t()).contiguous();
-  Tensor out = at::empty({x2d.size(0), dout}, mx.options());  // compute_type, then x's dtype
-  if (out.numel() == 0) return at::empty(shape, x.options());
-  const double eps_v = x.scalar_type() == at::kDouble ? ball_eps<double>() : ball_eps<float>();
-  AT_DISPATCH_FLOATING_TYPES(acc, "mobius_matvec", [&] {
-    using acc_t = scalar_t;
+  Tensor out = at::empty(shape, x.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mobius_matvec", [&] {
+    using acc_t = compute_t<scalar_t>;
     const acc_t *xp = x2d.const_data_ptr<acc_t>(), *mp = mx.const_data_ptr<acc_t>();
-    acc_t* op = out.mutable_data_ptr<acc_t>();
-    const acc_t cc = static_cast<acc_t>(cv), eps = static_cast<acc_t>(eps_v);
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const acc_t cc = static_cast<acc_t>(cv), eps = acc_t(ball_eps<scalar_t>());
     at::parallel_for(0, x2d.size(0), grain_rows(din + dout), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const acc_t* xr = xp + i * din;
@@ -714,11 +702,11 @@ Tensor mobius_matvec_cpu(const Tensor& m, const Tensor& x, const Tensor& c, bool
           zero = zero && mr[j] == acc_t(0);
         }
         const acc_t f = zero ? acc_t(0) : hyp::Matvec::coef(x2, m2, cc, eps, project);
-        for (int64_t j = 0; j < dout; ++j) op[i * dout + j] = f * mr[j];
+        for (int64_t j = 0; j < dout; ++j) op[i * dout + j] = static_cast<scalar_t>(f * mr[j]);
       }
     });
   });
-  return out.to(x.scalar_type()).reshape(shape);
+  return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor> mobius_matvec_backward_cpu(const Tensor& grad, const Tensor& m,
