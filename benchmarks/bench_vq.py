@@ -1,5 +1,6 @@
 """VQ family: nearest-codebook search (k = 1) and the straight-through quantiser.
 
+nearest-bfloat16 / nearest-tf32 (GPU only): the tensor-core search against the bfloat16 mm-argmin.
 nearest (forward): lfi_fast's backends against
   - `torch-eager:cdist-argmin`  torch.cdist(x, c).argmin(1): the N x K matrix, then its argmin;
   - `torch-eager:mm-argmin`     (|c|^2 - 2 x c^T).argmin(1), in bfloat16 on a GPU (float32 on the CPU);
@@ -94,6 +95,46 @@ def test_nearest(measure, provider, size, device, quick):
     fn()
     measure(fn, op="nearest", provider=provider, anchor="torch-eager:cdist-argmin", mode="forward",
             shape=(n, kk, d), dtype=x.dtype, bytes_read=nbytes(x, cb), bytes_written=n * 8 + n * 4)
+
+
+@pytest.mark.parametrize("precision", ("bfloat16", "tf32"))
+@pytest.mark.parametrize("provider", ("torch-eager:mm-argmin", "lfi_fast:cuda", "lfi_fast:triton"))
+def test_nearest_tensor_cores(measure, provider, precision, device, quick):
+    """GPU only: the tensor-core search (bfloat16 inputs; float32 with TF32 allowed) against the
+    bfloat16 (|c|^2 - 2 x c^T).argmin(1) of the issue, at N = 2^20, K = 4096, D = 64."""
+    if device.type != "cuda":
+        pytest.skip("tensor cores: GPU only")
+    n, kk, d = _sizes(device, quick)[0]
+    x, cb = _inputs(n, kk, d, device)
+    if provider == "torch-eager:mm-argmin":
+        if precision != "bfloat16":
+            pytest.skip("the anchor runs in bfloat16")
+        fn = _nearest_fn(provider, x, cb, device)
+        dt = torch.bfloat16
+    else:
+        backend = provider.split(":")[1]
+        if backend not in lfi_backends(device):
+            pytest.skip(f"{provider} is not available on {device}")
+        import lfi_fast
+        from lfi_fast import vq
+
+        dt = torch.bfloat16 if precision == "bfloat16" else torch.float32
+        xl, cl = x.to(dt), cb.to(dt)
+
+        def fn():
+            prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+            try:
+                with lfi_fast.use_backend(backend):
+                    return vq.nearest(xl, cl)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = prev
+
+    fn()
+    measure(fn, op=f"nearest-{precision}", provider=provider, anchor="torch-eager:mm-argmin",
+            mode="forward", shape=(n, kk, d), dtype=dt,
+            bytes_read=(n + kk) * d * torch.empty((), dtype=dt).element_size(),
+            bytes_written=n * 8 + n * 4)
 
 
 @pytest.mark.parametrize("provider", ("vector-quantize-pytorch", "lfi_fast:cpp", "lfi_fast:cuda",

@@ -90,6 +90,13 @@ def nearest(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2",
         (indices, distances): k == 1: int64 (...) and (...) in x's dtype; k > 1: (..., k) sorted by
         distance. The distances are differentiable with respect to x and codebook (for the chosen
         codes); the indices are not.
+
+    On a CUDA GPU of compute capability 8.0 or newer, float16 and bfloat16 inputs (and float32
+    ones when ``torch.backends.cuda.matmul.allow_tf32`` is on) are searched with tensor cores for
+    k <= 29: the candidates' scores come from WMMA products with float32 accumulation, rows whose
+    candidates are within the products' error bound of each other are searched again in float32,
+    and the exact distances (float64) of the candidates pick the k. The result is the float32
+    search's, up to ties.
     """
     metric, ct = _check_search(x, codebook, metric, c)
     k = _check_k(k, codebook.shape[0])

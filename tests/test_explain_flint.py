@@ -295,6 +295,18 @@ def test_bad_input():
         )
 
 
+def test_lr_decay_schedule():
+    """The last lr_decay_epochs epochs of the schedule run at lr * lr_decay; bad values refused."""
+    exp = FlintInterpreter(FlintConfig(n_attributes=3, epochs=5, lr=1e-3, lr_decay_epochs=2))
+    assert [exp._lr(e) for e in range(1, 6)] == pytest.approx([1e-3, 1e-3, 1e-3, 1e-4, 1e-4])
+    const = FlintInterpreter(FlintConfig(n_attributes=3, epochs=5, lr=1e-3))
+    assert {const._lr(e) for e in range(1, 6)} == {1e-3}
+    with pytest.raises(ValueError, match="lr_decay must be in"):
+        FlintInterpreter(FlintConfig(lr_decay=0.0))
+    with pytest.raises(ValueError, match="lr_decay_epochs"):
+        FlintInterpreter(FlintConfig(lr_decay_epochs=-1))
+
+
 def test_config_is_json_round_trippable():
     cfg = default_config("mnist")
     doc = json.loads(json.dumps(dataclasses.asdict(cfg)))

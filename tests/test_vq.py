@@ -103,6 +103,38 @@ def test_nearest_half(device, backend, metric, dtype, gen):
     check_nearest(idx, dist, x, cb, metric, 3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core path needs a GPU")
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [1, 4, 13, 29])
+def test_nearest_tensor_cores(metric, dtype, k, gen):
+    """The CUDA tensor-core search (float16/bfloat16; float32 with TF32 allowed) on inputs full of
+    near ties (clustered codes 1e-3 apart, exact duplicates), with D and K not multiples of the
+    tiles: the float32 re-check of unsure rows must leave no row with a farther code. Exact
+    duplicates go to the lower index."""
+    require_backend("cuda", "vq", "vq_nearest")
+    n, kk, d = 300, 1000, 70
+    centres = torch.randn(20, d, generator=gen, dtype=F64)
+    cb = centres[torch.randint(0, 20, (kk,), generator=gen)] + 1e-3 * torch.randn(kk, d, generator=gen, dtype=F64)
+    cb[500:510] = cb[:10]
+    x = centres[torch.randint(0, 20, (n,), generator=gen)] + 1e-3 * torch.randn(n, d, generator=gen, dtype=F64)
+    x[:10] = cb[:10]
+    if metric == "poincare":
+        x = x / (1 + x.norm(dim=-1, keepdim=True)) * 0.9
+        cb = cb / (1 + cb.norm(dim=-1, keepdim=True)) * 0.9
+    x, cb = x.to(dtype), cb.to(dtype)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with lfi_fast.use_backend("cuda"):
+            idx, dist = vq.nearest(x.cuda(), cb.cuda(), metric, k=k)
+            idx1, _ = vq.nearest(x[:10].cuda(), cb.cuda(), metric)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    check_nearest(idx, dist, x, cb, metric, k)
+    assert idx1.cpu().tolist() == list(range(10))  # x[j] == cb[j] == cb[500 + j]: the lower index
+
+
 @pytest.mark.parametrize("device,backend", device_backend_params("vq", "vq_nearest"))
 @pytest.mark.parametrize("metric", METRICS)
 def test_nearest_edges(device, backend, metric, gen):

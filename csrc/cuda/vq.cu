@@ -10,6 +10,17 @@
 // chosen codes directly, in double, and the k codes are re-sorted by them. k > 32 takes a chunked
 // ATen path (scores for a bounded number of rows at a time, then topk).
 //
+// Tensor cores (sm_80+): float16 and bfloat16 inputs, and float32 when TF32 is allowed
+// (torch.backends.cuda.matmul.allow_tf32), take nearest_tc_kernel: the x . c products of a 64 x 64
+// tile by WMMA (16 x 16 x 16 half/bf16 fragments, or 16 x 16 x 8 TF32) with float32 accumulation,
+// the score epilogue in float32, and four threads per row each keeping a running top-R of its
+// columns (R >= k + 3 candidates), merged by warp shuffles at the end. The approximate scores are
+// off by at most b (a bound from the input precision, D and the norms); a row whose R-th candidate
+// is within 2b of its k-th cannot be sure its true top-k are among the candidates and is flagged.
+// Flagged rows are searched again by the float32 kernel (the near-tie re-check); then the exact
+// double distances of the R candidates pick and order the k. So the tensor-core path returns what
+// the float32 path returns, up to float32 rounding of the scores.
+//
 // The codebook gradient of quantize: atomics, or, when torch.are_deterministic_algorithms_enabled(),
 // a stable sort of the indices and one block per code summing its rows in order. The EMA update
 // always takes the sort path: deterministic.
@@ -23,9 +34,13 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string_view>
@@ -412,6 +427,305 @@ std::tuple<Tensor, Tensor> sum_rows_per_code(const Tensor& x, const Tensor& idx,
   return {acc, cnt};
 }
 
+
+// ---- the tensor-core search kernel ----------------------------------------------------------------
+
+namespace wmma = nvcuda::wmma;
+
+// Per input type: the element type of the shared-memory tiles and of WMMA's A/B fragments, the
+// fragment depth WK, the coordinates per shared-memory step BK and the row padding (rows of
+// BK + PAD elements keep every fragment pointer 32-byte aligned).
+template <typename scalar_t>
+struct TcTraits;
+template <>
+struct TcTraits<at::Half> {
+  using elem = __half;
+  using frag = __half;
+  static constexpr int WK = 16, BK = 32, PAD = 8;
+};
+template <>
+struct TcTraits<at::BFloat16> {
+  using elem = __nv_bfloat16;
+  using frag = __nv_bfloat16;
+  static constexpr int WK = 16, BK = 32, PAD = 8;
+};
+template <>
+struct TcTraits<float> {
+  using elem = float;
+  using frag = wmma::precision::tf32;
+  static constexpr int WK = 8, BK = 16, PAD = 4;
+};
+
+// Zero of a tile element (the half types' float constructors are off: __CUDA_NO_HALF_CONVERSIONS__).
+template <typename E>
+LFI_D E tc_zero();
+template <>
+LFI_D __half tc_zero<__half>() { return __float2half(0.f); }
+template <>
+LFI_D __nv_bfloat16 tc_zero<__nv_bfloat16>() { return __float2bfloat16(0.f); }
+template <>
+LFI_D float tc_zero<float>() { return 0.f; }
+
+constexpr int kTcBM = 64;  // rows per block
+constexpr int kTcBN = 64;  // codes per tile
+constexpr int kTcLanes = 4;  // threads per row in the top-R update (16 columns each)
+constexpr int kTcScLd = kTcBN + 4;
+
+// (v, i) before (w, j): smaller score, ties to the lower index.
+LFI_D bool lex_less(float v, int64_t i, float w, int64_t j) { return v < w || (v == w && i < j); }
+
+// Sorted insertion into a list of R in registers (compile-time indices only).
+template <int R>
+LFI_D void insert_top(float v, int64_t id, float (&tv)[R], int64_t (&ti)[R]) {
+  if (!lex_less(v, id, tv[R - 1], ti[R - 1])) return;
+#pragma unroll
+  for (int q = R - 1; q >= 0; --q) {
+    const int p = q > 0 ? q - 1 : 0;
+    if (q > 0 && lex_less(v, id, tv[p], ti[p])) {
+      tv[q] = tv[p];
+      ti[q] = ti[p];
+    } else if (lex_less(v, id, tv[q], ti[q])) {
+      tv[q] = v;
+      ti[q] = id;
+    }
+  }
+}
+
+// Scores (the same order as the float32 kernel's): l2 |x|^2 + |c|^2 - 2 x.c; Poincaré
+// s_c (|x|^2 + |c|^2 - 2 x.c) with s_c = 1 / (1 - c|c|^2); cosine -x.c / (|x| |c|).
+// n2, s, cinv: (K,) float32. eps: the relative error bound of a product sum; cmax = max |c|,
+// smax = max s_c. out_idx: (N, R) candidates sorted by approximate score; flag: (N,) 1 where the
+// candidates may miss one of the true top-k.
+template <typename scalar_t, int R>
+__global__ void __launch_bounds__(kThreads)
+    nearest_tc_kernel(const scalar_t* __restrict__ x_, const scalar_t* __restrict__ cb_,
+                      const float* __restrict__ n2, const float* __restrict__ s,
+                      const float* __restrict__ cinv, int metric, float eps, float cmax, float smax,
+                      int64_t n, int64_t kk, int64_t d, int k, int64_t* __restrict__ out_idx,
+                      uint8_t* __restrict__ flag) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // the host takes this path only on sm_80+
+#else
+  using Tr = TcTraits<scalar_t>;
+  using E = typename Tr::elem;
+  constexpr int BK = Tr::BK, WK = Tr::WK, LD = Tr::BK + Tr::PAD;
+  const E* x = reinterpret_cast<const E*>(x_);
+  const E* cb = reinterpret_cast<const E*>(cb_);
+  __shared__ __align__(32) E xs[kTcBM][LD];
+  __shared__ __align__(32) E cs[kTcBN][LD];
+  __shared__ __align__(32) float sc[kTcBM][kTcScLd];
+  __shared__ float xn[kTcBM];
+  __shared__ float xinv[kTcBM];
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTcBM;
+  const E zero = tc_zero<E>();
+
+  if (tid < kTcBM) {
+    float s2 = 0.f;
+    if (i0 + tid < n) {
+      const scalar_t* xr = x_ + (i0 + tid) * d;
+      for (int64_t q = 0; q < d; ++q) {
+        const float v = static_cast<float>(xr[q]);
+        s2 += v * v;
+      }
+    }
+    xn[tid] = s2;
+    xinv[tid] = 1.f / fmaxf(sqrtf(s2), static_cast<float>(kNormEps));
+  }
+  const int row = tid / kTcLanes, lane = tid % kTcLanes;
+  float topv[R];
+  int64_t topi[R];
+#pragma unroll
+  for (int q = 0; q < R; ++q) {
+    topv[q] = std::numeric_limits<float>::infinity();
+    topi[q] = std::numeric_limits<int64_t>::max();
+  }
+  // Warp w computes rows 16 (w / 2) .. + 16 and codes 32 (w % 2) .. + 32 of each tile.
+  const int wm = (warp / 2) * 16, wn = (warp % 2) * 32;
+  __syncthreads();
+
+  for (int64_t j0 = 0; j0 < kk; j0 += kTcBN) {
+    wmma::fragment<wmma::accumulator, 16, 16, WK, float> acc[2];
+    wmma::fill_fragment(acc[0], 0.f);
+    wmma::fill_fragment(acc[1], 0.f);
+    for (int64_t d0 = 0; d0 < d; d0 += BK) {
+      for (int e = tid; e < kTcBM * BK; e += kThreads) {
+        const int r = e / BK, q = e % BK;
+        const int64_t i = i0 + r, dq = d0 + q;
+        xs[r][q] = (i < n && dq < d) ? x[i * d + dq] : zero;
+      }
+      for (int e = tid; e < kTcBN * BK; e += kThreads) {
+        const int r = e / BK, q = e % BK;
+        const int64_t j = j0 + r, dq = d0 + q;
+        cs[r][q] = (j < kk && dq < d) ? cb[j * d + dq] : zero;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int q = 0; q < BK; q += WK) {
+        wmma::fragment<wmma::matrix_a, 16, 16, WK, typename Tr::frag, wmma::row_major> a;
+        wmma::load_matrix_sync(a, &xs[wm][q], LD);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+#pragma unroll
+          for (int t = 0; t < a.num_elements; ++t) a.x[t] = wmma::__float_to_tf32(a.x[t]);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          wmma::fragment<wmma::matrix_b, 16, 16, WK, typename Tr::frag, wmma::col_major> b;
+          wmma::load_matrix_sync(b, &cs[wn + 16 * h][q], LD);
+          if constexpr (std::is_same_v<scalar_t, float>) {
+#pragma unroll
+            for (int t = 0; t < b.num_elements; ++t) b.x[t] = wmma::__float_to_tf32(b.x[t]);
+          }
+          wmma::mma_sync(acc[h], a, b, acc[h]);
+        }
+      }
+      __syncthreads();
+    }
+    wmma::store_matrix_sync(&sc[wm][wn], acc[0], kTcScLd, wmma::mem_row_major);
+    wmma::store_matrix_sync(&sc[wm][wn + 16], acc[1], kTcScLd, wmma::mem_row_major);
+    __syncthreads();
+    {
+      const float xr2 = xn[row], xri = xinv[row];
+      constexpr int per = kTcBN / kTcLanes;
+#pragma unroll 4
+      for (int cc = 0; cc < per; ++cc) {
+        const int col = lane * per + cc;
+        const int64_t j = j0 + col;
+        if (j >= kk) break;
+        const float dot = sc[row][col];
+        float v;
+        if (metric == kL2) {
+          v = xr2 + n2[j] - 2.f * dot;
+        } else if (metric == kPoincare) {
+          v = s[j] * (xr2 + n2[j] - 2.f * dot);
+        } else {
+          v = -dot * xri * cinv[j];
+        }
+        insert_top<R>(v, j, topv, topi);
+      }
+    }
+    __syncthreads();
+  }
+
+  // Merge the four lists of a row into lane 0's (the lanes of a row are adjacent in one warp).
+  const unsigned full = 0xffffffffu;
+  const int base = (tid % 32) & ~(kTcLanes - 1);
+#pragma unroll
+  for (int src = 1; src < kTcLanes; ++src) {
+#pragma unroll
+    for (int q = 0; q < R; ++q) {
+      const float v = __shfl_sync(full, topv[q], base + src);
+      const long long id = __shfl_sync(full, static_cast<long long>(topi[q]), base + src);
+      if (lane == 0) insert_top<R>(v, static_cast<int64_t>(id), topv, topi);
+    }
+  }
+  const int64_t i = i0 + row;
+  if (lane == 0 && i < n) {
+    // b: the bound on a score's error; 2b separates a sure candidate list from an unsure one.
+    float b;
+    if (metric == kCosine) {
+      b = eps + 1e-6f;
+    } else {
+      const float xr = sqrtf(xn[row]);
+      b = smax * (2.f * eps * xr * cmax + 5e-7f * (xr + cmax) * (xr + cmax));
+    }
+    bool unsure = false;
+    if (kk > R) {
+      const float gap = topv[R - 1] - topv[k - 1];
+      unsure = !(gap > 2.f * b);  // also NaN / inf - inf
+    }
+#pragma unroll
+    for (int q = 0; q < R; ++q) out_idx[i * R + q] = topi[q] < kk ? topi[q] : 0;
+    flag[i] = unsure ? 1 : 0;
+  }
+#endif
+}
+
+// Whether nearest takes the tensor-core kernel: sm_80+, float16/bfloat16, or float32 with TF32
+// allowed, and k small enough for R = k + 3 candidates in registers.
+bool use_tensor_cores(const Tensor& x, int64_t k) {
+  if (k + 3 > 32) return false;
+  const auto st = x.scalar_type();
+  const bool type_ok = st == at::kHalf || st == at::kBFloat16 ||
+                       (st == at::kFloat && at::globalContext().allowTF32CuBLAS());
+  if (!type_ok) return false;
+  return at::cuda::getDeviceProperties(x.device().index())->major >= 8;
+}
+
+template <typename scalar_t, int R>
+void launch_tc(const Tensor& x, const Tensor& cb, const Tensor& n2, const Tensor& s,
+               const Tensor& cinv, Metric m, float eps, float cmax, float smax, int k, Tensor& cand,
+               Tensor& flag) {
+  const int64_t n = x.size(0), d = x.size(1), kk = cb.size(0);
+  const dim3 grid(static_cast<unsigned>(ceil_div(n, kTcBM)));
+  nearest_tc_kernel<scalar_t, R><<<grid, kThreads, 0, current_stream()>>>(
+      x.const_data_ptr<scalar_t>(), cb.const_data_ptr<scalar_t>(), n2.const_data_ptr<float>(),
+      s.const_data_ptr<float>(), cinv.const_data_ptr<float>(), static_cast<int>(m), eps, cmax,
+      smax, n, kk, d, k, cand.mutable_data_ptr<int64_t>(), flag.mutable_data_ptr<uint8_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int R>
+void tc_dispatch_type(const Tensor& x, const Tensor& cb, const Tensor& n2, const Tensor& s,
+                      const Tensor& cinv, Metric m, float eps, float cmax, float smax, int k,
+                      Tensor& cand, Tensor& flag) {
+  switch (x.scalar_type()) {
+    case at::kHalf:
+      return launch_tc<at::Half, R>(x, cb, n2, s, cinv, m, eps, cmax, smax, k, cand, flag);
+    case at::kBFloat16:
+      return launch_tc<at::BFloat16, R>(x, cb, n2, s, cinv, m, eps, cmax, smax, k, cand, flag);
+    case at::kFloat:
+      return launch_tc<float, R>(x, cb, n2, s, cinv, m, eps, cmax, smax, k, cand, flag);
+    default:
+      TORCH_CHECK(false, "vq_nearest_cuda: no tensor-core kernel for ", x.scalar_type());
+  }
+}
+
+// The candidates (N, min(R, K)) of every row by the tensor-core kernel, with unsure rows
+// re-searched by the float32 kernel. R: 4, 8, 16 or 32 (the smallest >= k + 3).
+Tensor nearest_candidates_tc(const Tensor& x, const Tensor& cb, Metric m, const Tensor& c,
+                             int64_t k) {
+  const int64_t n = x.size(0), d = x.size(1), kk = cb.size(0);
+  const int need = static_cast<int>(k) + 3;
+  const int R = need <= 4 ? 4 : need <= 8 ? 8 : need <= 16 ? 16 : 32;
+  Tensor cbf = cb.to(at::kFloat);
+  Tensor n2 = cbf.pow(2).sum(-1).contiguous();
+  Tensor cnorm = n2.sqrt();
+  Tensor cinv = cnorm.clamp_min(kNormEps).reciprocal().contiguous();
+  Tensor s = m == kPoincare ? (1 - c.to(n2.device(), at::kFloat) * n2).clamp_min(kMinDen).reciprocal()
+                            : at::ones_like(n2);
+  s = s.contiguous();
+  // One host sync for the three bounds (the search needs them before it starts).
+  const Tensor stats = at::stack({cnorm.max(), s.max()}).cpu();
+  const float cmax = stats[0].item<float>(), smax = stats[1].item<float>();
+  const double acc = static_cast<double>(std::max<int64_t>(d, 1)) * std::ldexp(1.0, -22);
+  const double in = x.scalar_type() == at::kFloat ? std::ldexp(1.0, -9) : 0.0;  // TF32 rounding
+  const float eps = static_cast<float>(in + acc);
+  Tensor cand = at::empty({n, R}, x.options().dtype(at::kLong));
+  Tensor flag = at::empty({n}, x.options().dtype(at::kByte));
+  const int kk_i = static_cast<int>(k);
+  if (R == 4) tc_dispatch_type<4>(x, cb, n2, s, cinv, m, eps, cmax, smax, kk_i, cand, flag);
+  else if (R == 8) tc_dispatch_type<8>(x, cb, n2, s, cinv, m, eps, cmax, smax, kk_i, cand, flag);
+  else if (R == 16) tc_dispatch_type<16>(x, cb, n2, s, cinv, m, eps, cmax, smax, kk_i, cand, flag);
+  else tc_dispatch_type<32>(x, cb, n2, s, cinv, m, eps, cmax, smax, kk_i, cand, flag);
+  const int64_t r = std::min<int64_t>(R, kk);
+  cand = cand.narrow(1, 0, r);
+  const Tensor rows = flag.nonzero().squeeze(1);  // host sync: the count of unsure rows
+  if (rows.numel() > 0) {
+    const Tensor xs = x.index_select(0, rows).contiguous();
+    const CodeSide cs = code_side(cb, m, c, at::kFloat);
+    Tensor sub = at::empty({xs.size(0), r}, cand.options());
+    const bool nrm = m == kCosine;
+    const int ri = static_cast<int>(r);
+    if (x.scalar_type() == at::kHalf) dispatch_k<at::Half, float, 64>(xs, cs, nrm, kk, ri, sub);
+    else if (x.scalar_type() == at::kBFloat16) dispatch_k<at::BFloat16, float, 64>(xs, cs, nrm, kk, ri, sub);
+    else dispatch_k<float, float, 64>(xs, cs, nrm, kk, ri, sub);
+    cand = cand.contiguous();
+    cand.index_copy_(0, rows, sub);
+  }
+  return cand.contiguous();
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> vq_nearest_cuda(const Tensor& x, const Tensor& codebook,
@@ -430,36 +744,50 @@ std::tuple<Tensor, Tensor> vq_nearest_cuda(const Tensor& x, const Tensor& codebo
   if (n == 0) return {idx, dist};
   const Tensor xc = x.contiguous(), cbc = codebook.contiguous();
   const at::ScalarType st = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const CodeSide cs = code_side(cbc, m, c, st);
   const bool normalize = m == kCosine;
-  if (k > kMaxK) {
-    nearest_chunked(xc, cs, normalize, k, idx);
+  // cand: (N, r) candidate codes; the float32/float64 kernels give exactly the k (r = k), the
+  // tensor-core kernel R >= k + 3 of them (r = min(R, K)), re-ranked by the exact distances.
+  Tensor cand = idx;
+  if (use_tensor_cores(xc, k)) {
+    // Ascending index first, so that the stable sort below sends exact ties to the lower index.
+    cand = std::get<0>(at::sort(nearest_candidates_tc(xc, cbc, m, c, k), 1)).contiguous();
   } else {
-    LFI_DISPATCH(x.scalar_type(), "vq_nearest_cuda", [&] {
-      if constexpr (std::is_same_v<scalar_t, double>) {
-        dispatch_k<scalar_t, double, 32>(xc, cs, normalize, kk, static_cast<int>(k), idx);
-      } else {
-        dispatch_k<scalar_t, float, 64>(xc, cs, normalize, kk, static_cast<int>(k), idx);
-      }
-    });
+    const CodeSide cs = code_side(cbc, m, c, st);
+    if (k > kMaxK) {
+      nearest_chunked(xc, cs, normalize, k, cand);
+    } else {
+      LFI_DISPATCH(x.scalar_type(), "vq_nearest_cuda", [&] {
+        if constexpr (std::is_same_v<scalar_t, double>) {
+          dispatch_k<scalar_t, double, 32>(xc, cs, normalize, kk, static_cast<int>(k), cand);
+        } else {
+          dispatch_k<scalar_t, float, 64>(xc, cs, normalize, kk, static_cast<int>(k), cand);
+        }
+      });
+    }
   }
-  // Exact distances of the chosen codes, then the k re-sorted by them (stable).
-  Tensor exact = at::empty({n, k}, x.options().dtype(at::kDouble));
+  const int64_t r = cand.size(1);
+  // Exact distances of the candidates, then re-sorted by them (stable).
+  Tensor exact = at::empty({n, r}, x.options().dtype(at::kDouble));
   const Tensor cdev = c.to(x.device(), at::kDouble);
   LFI_DISPATCH(x.scalar_type(), "vq_exact_distance", [&] {
-    const int64_t total = n * k;
+    const int64_t total = n * r;
     exact_distance_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(total, kThreads)), kThreads, 0,
                                       current_stream()>>>(
-        xc.const_data_ptr<scalar_t>(), cbc.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
-        cdev.const_data_ptr<double>(), static_cast<int>(m), n, kk, d, static_cast<int>(k),
+        xc.const_data_ptr<scalar_t>(), cbc.const_data_ptr<scalar_t>(), cand.const_data_ptr<int64_t>(),
+        cdev.const_data_ptr<double>(), static_cast<int>(m), n, kk, d, static_cast<int>(r),
         exact.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (k > 1) {
+  if (r > 1) {
     auto [sorted, perm] = at::sort(exact, /*stable=*/true, /*dim=*/1, /*descending=*/false);
-    idx = idx.gather(1, perm);
+    cand = cand.gather(1, perm);
     exact = sorted;
   }
+  if (r != k) {
+    cand = cand.narrow(1, 0, k).contiguous();
+    exact = exact.narrow(1, 0, k);
+  }
+  idx = cand;
   dist.copy_(exact);
   return {idx, dist};
 }

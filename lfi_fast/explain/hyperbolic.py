@@ -104,7 +104,7 @@ def default_config(data: str = "mnist", **overrides) -> HyperbolicRuleConfig:
     presets = {
         "digits": dict(classifier_epochs=15, epochs=25, batch_size=64, rule_support=0.02,
                        robustness_samples=128),
-        "mnist": dict(epochs=3),
+        "mnist": dict(classifier_epochs=4, epochs=5),
         "fashion-mnist": dict(classifier_epochs=4, epochs=6),
     }
     if data not in presets:
