@@ -37,9 +37,9 @@ def explainer(device):
     return _explainer(device)
 
 
-@pytest.mark.parametrize("mode", ("rules", "rules+semantics"))
+@pytest.mark.parametrize("what", ("rules", "rules+semantics"))
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_explain_throughput(measure, explainer, provider, mode, device, quick):
+def test_explain_throughput(measure, explainer, provider, what, device, quick):
     import lfi_fast
     from lfi_fast.explain.hyperbolic import FastOps, StraightforwardOps
 
@@ -54,7 +54,7 @@ def test_explain_throughput(measure, explainer, provider, mode, device, quick):
             pytest.skip(f"{provider} is not available on {device}")
         ops = FastOps()
 
-    semantics = mode == "rules+semantics"
+    semantics = what == "rules+semantics"
 
     def run():
         if backend is None:
@@ -64,5 +64,5 @@ def test_explain_throughput(measure, explainer, provider, mode, device, quick):
 
     out = run()
     written = sum(nbytes(t) for t in out.tensors().values())
-    measure(run, op="explain", provider=provider, anchor="straightforward", mode=mode,
+    measure(run, op=f"explain_{what}", provider=provider, anchor="straightforward", mode="forward",
             shape=x.shape, dtype=x.dtype, bytes_read=nbytes(x), bytes_written=written)

@@ -245,6 +245,7 @@ def measure(benchmark, request, device, quick):
         case = dict(family=request.path.stem.removeprefix("bench_"), op=op, provider=provider,
                     anchor=anchor, mode=mode, shape=shape, dtype=dtype,
                     bytes_read=int(bytes_read), bytes_written=int(bytes_written))
+        record.check_row(case)
         benchmark.group = f"{op} {mode} {shape} {dtype} {device.type}"
         benchmark.extra_info.update(case)
         if benchmark.disabled:  # run once, untimed, unrecorded

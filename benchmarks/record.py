@@ -158,6 +158,17 @@ def _cell(v) -> str:
     return "" if v is None else str(v)
 
 
+def check_row(r: Mapping[str, object]) -> None:
+    """A ValueError when a row (or a case's first columns) could not be appended to the CSV:
+    the measuring fixture calls this before timing, so a bad case fails at once, untimed runs
+    (CI's --benchmark-disable) included, instead of losing a whole session's rows at its end."""
+    unknown = set(r) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"row has columns that results.csv does not: {sorted(unknown)}")
+    if r.get("mode") not in MODES:
+        raise ValueError(f"row mode must be one of {MODES} (got {r.get('mode')!r})")
+
+
 def append_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, object]]) -> int:
     """Append rows to the CSV at `path` (created with a header if missing); returns how many.
 
@@ -167,11 +178,7 @@ def append_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, object]]) -
     rows = list(rows)
     path = Path(path)
     for r in rows:
-        unknown = set(r) - set(COLUMNS)
-        if unknown:
-            raise ValueError(f"row has columns that results.csv does not: {sorted(unknown)}")
-        if r.get("mode") not in MODES:
-            raise ValueError(f"row mode must be one of {MODES} (got {r.get('mode')!r})")
+        check_row(r)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
     if not new:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import os
 import random
 import re
 import subprocess
@@ -83,6 +84,30 @@ def test_csv_refuses_what_it_would_corrupt(record, tmp_path):
     with pytest.raises(ValueError, match="move the file aside"):
         record.append_rows(path, [_row(record, rng)])
     assert path.read_text() == "run_id,op\nx,y\n"
+
+
+def test_a_case_that_could_not_be_recorded_fails_at_once(tmp_path):
+    """A case whose row the CSV would refuse (here mode "rules") fails when it runs, untimed runs
+    (CI's --benchmark-disable) included, not at the end of a long timed session that then loses
+    every row."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")])}
+    for mode, rc in (("rules", 1), ("forward", 0)):
+        case = tmp_path / f"bench_{mode}.py"
+        case.write_text(
+            "import torch\n\n"
+            "def test_case(measure):\n"
+            "    x = torch.zeros(4)\n"
+            "    measure(lambda: x + 1, op='copy', provider='torch-eager:copy',\n"
+            f"            anchor='torch-eager:copy', mode={mode!r}, shape=x.shape, dtype=x.dtype,\n"
+            "            bytes_read=16, bytes_written=16)\n")
+        # benchmarks/conftest.py as a plugin: its fixtures and options for a file outside benchmarks/
+        res = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", str(case), "-q",
+                              "-p", "no:cacheprovider", "--benchmark-disable", "--quick",
+                              "--device=cpu"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == rc, res.stdout + res.stderr
+        if rc:
+            assert "row mode must be one of" in res.stdout
 
 
 @pytest.mark.parametrize("name, gbps", [
