@@ -147,3 +147,27 @@ def test_check_images():
         base.check_images(torch.rand(2, 3, 28, 28), 1, (28, 28))
     with pytest.raises(ValueError, match="finite"):
         base.check_images(torch.full((1, 1, 28, 28), float("nan")), 1, (28, 28))
+
+
+def test_progress_bar_does_not_change_the_batches(monkeypatch):
+    """A shuffling DataLoader gives the same batches, epoch after epoch, with the progress bar on
+    and off (handed the loader itself, tqdm changed their order, and so every trained model)."""
+    pytest.importorskip("tqdm")
+    monkeypatch.delenv("LFI_FAST_NO_PROGRESS", raising=False)
+    ds = torch.utils.data.TensorDataset(torch.arange(100.0))
+
+    def epochs(show: bool) -> list[list[float]]:
+        loader = torch.utils.data.DataLoader(ds, batch_size=10, shuffle=True,
+                                             generator=torch.Generator().manual_seed(0))
+        out = []
+        for _ in range(3):
+            bar = base.progress_bar(loader, desc="test", disable=not show)
+            out.append([v for (b,) in bar for v in b.tolist()])
+        return out
+
+    shown, hidden = epochs(True), epochs(False)
+    assert shown == hidden
+    assert shown[0] != shown[1]  # the loader does shuffle: the comparison means something
+    assert sorted(shown[0]) == [float(i) for i in range(100)]
+    bar = base.progress_bar(range(5), desc="test", disable=False)
+    assert list(bar) == list(range(5)) and bar.total == 5

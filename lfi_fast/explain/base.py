@@ -40,7 +40,14 @@ def progress_bar(iterable: Iterable, desc: str = "", total: int | None = None, d
         from tqdm.auto import tqdm
     except ImportError:
         return iterable
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+    if total is None:
+        try:
+            total = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    # tqdm gets an iterator, not the iterable: handed a shuffling DataLoader itself, tqdm changed
+    # the order of its batches (the results then depended on whether a progress bar was shown).
+    return tqdm(iter(iterable), desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
 def check_images(x: Any, channels: int, size: tuple[int, int], name: str = "inputs") -> torch.Tensor:
