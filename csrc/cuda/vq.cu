@@ -92,6 +92,20 @@ void check_indices(const Tensor& idx, int64_t n, const Tensor& x) {
 // call with bad indices gets wrong codes, never an out-of-bounds read.
 LFI_D int64_t clamp_code(int64_t i, int64_t kk) { return i < 0 ? 0 : (i >= kk ? kk - 1 : i); }
 
+// |x_i|^2 in T, 0 for a padding row (i >= n): the per-row term of both search kernels.
+template <typename T, typename scalar_t>
+LFI_D T row_sq_norm(const scalar_t* __restrict__ x, int64_t i, int64_t n, int64_t d) {
+  T s2 = 0;
+  if (i < n) {
+    const scalar_t* xr = x + i * d;
+    for (int64_t q = 0; q < d; ++q) {
+      const T v = static_cast<T>(xr[q]);
+      s2 += v * v;
+    }
+  }
+  return s2;
+}
+
 // ---- the search kernel -----------------------------------------------------------------------------
 
 // Scores of the kBM rows of this block against codes [j0, j0 + BN), into sc (kBM x (BN + 1)).
@@ -110,14 +124,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM;
 
   if (tid < kBM) {
-    T s2 = 0;
-    if (i0 + tid < n) {
-      const scalar_t* xr = x + (i0 + tid) * d;
-      for (int64_t q = 0; q < d; ++q) {
-        const T v = static_cast<T>(xr[q]);
-        s2 += v * v;
-      }
-    }
+    const T s2 = row_sq_norm<T>(x, i0 + tid, n, d);
     xn[tid] = s2;
     xinv[tid] = normalize ? T(1) / max(sqrt(s2), static_cast<T>(kNormEps)) : T(1);
   }
@@ -521,14 +528,7 @@ __global__ void __launch_bounds__(kThreads)
   const E zero = tc_zero<E>();
 
   if (tid < kTcBM) {
-    float s2 = 0.f;
-    if (i0 + tid < n) {
-      const scalar_t* xr = x_ + (i0 + tid) * d;
-      for (int64_t q = 0; q < d; ++q) {
-        const float v = static_cast<float>(xr[q]);
-        s2 += v * v;
-      }
-    }
+    const float s2 = row_sq_norm<float>(x_, i0 + tid, n, d);
     xn[tid] = s2;
     xinv[tid] = 1.f / fmaxf(sqrtf(s2), static_cast<float>(kNormEps));
   }
